@@ -1,0 +1,448 @@
+"""SegFormer (Xie et al. 2021), written from the paper: the MiT encoder and the all-MLP decoder.
+
+This file is self-contained (it imports only torch, transformers' generic base classes and the
+configuration file beside it) because `save_pretrained` ships it to the Hub as remote code.
+
+Speed without changing the math: the decoder's per-stage projections, the bilinear upsampling and
+the 1x1 fusion are all linear, so each stage's projection is composed with its slice of the fusion
+weights and applied at the stage's own (coarse) resolution; only the fused C-channel maps are
+upsampled and summed. This is exactly the published computation reordered, in training and in
+inference alike, and it removes the 4C -> C convolution at 1/4 resolution that dominates the
+decoder's cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput, SemanticSegmenterOutput
+
+from .configuration_segformer_hf import SegformerHFConfig
+
+
+class SegformerHFOverlapPatchEmbeddings(nn.Module):
+    """Turns an image or feature map into tokens with a strided convolution whose kernel overlaps.
+
+    Overlap (kernel 7 stride 4, then 3 stride 2) keeps local continuity between patches, which the
+    paper found matters once positional encodings are gone.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, stride: int, eps: float):
+        super().__init__()
+        self.projection = nn.Conv2d(
+            in_channels, hidden_size, kernel_size=patch_size, stride=stride, padding=patch_size // 2
+        )
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        embeddings = self.projection(pixel_values)
+        height, width = embeddings.shape[-2:]
+        # (B, C, H, W) -> (B, H*W, C)
+        embeddings = embeddings.flatten(2).transpose(1, 2)
+        return self.layer_norm(embeddings), height, width
+
+
+class SegformerHFSequenceReduction(nn.Module):
+    """Shrinks the key/value token grid by R in each direction (strided conv + LayerNorm).
+
+    Attention then costs O(N * N / R^2) instead of O(N^2), which is what makes a transformer affordable
+    on 1/4-resolution feature maps.
+    """
+
+    def __init__(self, hidden_size: int, reduction_ratio: int, eps: float):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=reduction_ratio, stride=reduction_ratio)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch_size, _, channels = tokens.shape
+        # (B, N, C) -> (B, C, H, W), a view in channels-last memory order
+        grid = tokens.transpose(1, 2).reshape(batch_size, channels, height, width)
+        # (B, C, H/R, W/R) -> (B, H*W/R^2, C)
+        reduced = self.conv(grid).flatten(2).transpose(1, 2)
+        return self.layer_norm(reduced)
+
+
+class SegformerHFEfficientSelfAttention(nn.Module):
+    """Multi-head self-attention whose keys and values come from a spatially reduced token grid.
+
+    Queries keep full resolution so every token gets its own output; keys and values are computed
+    in one matmul from the reduced grid. The attention itself is PyTorch's fused
+    `scaled_dot_product_attention`.
+    """
+
+    def __init__(self, config: SegformerHFConfig, hidden_size: int, num_heads: int, reduction_ratio: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key_value = nn.Linear(hidden_size, 2 * hidden_size)
+        self.reduction = (
+            SegformerHFSequenceReduction(hidden_size, reduction_ratio, config.layer_norm_eps)
+            if reduction_ratio > 1
+            else None
+        )
+        self.output = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch_size, num_tokens, channels = tokens.shape
+        # (B, N, C) -> (B, heads, N, head_dim)
+        query = self.query(tokens).view(batch_size, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        context = self.reduction(tokens, height, width) if self.reduction is not None else tokens
+        # (B, M, 2C) -> 2 x (B, heads, M, head_dim)
+        key, value = (
+            self.key_value(context)
+            .view(batch_size, -1, 2, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout_prob if self.training else 0.0
+        )
+        # (B, heads, N, head_dim) -> (B, N, C)
+        attended = attended.transpose(1, 2).reshape(batch_size, num_tokens, channels)
+        return self.output(attended)
+
+
+class SegformerHFMixFFN(nn.Module):
+    """Feed-forward block with a 3x3 depthwise convolution between its two linear layers.
+
+    The convolution leaks enough zero-padding position information for the model to need no
+    positional encoding, so any input size works at full accuracy.
+    """
+
+    def __init__(self, config: SegformerHFConfig, hidden_size: int, mlp_ratio: int):
+        super().__init__()
+        expanded = hidden_size * mlp_ratio
+        self.fc1 = nn.Linear(hidden_size, expanded)
+        self.depthwise_conv = nn.Conv2d(expanded, expanded, kernel_size=3, padding=1, groups=expanded)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(expanded, hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        expanded = self.fc1(tokens)
+        # (B, N, 4C) -> (B, 4C, H, W), a channels-last view: no copy before the convolution
+        grid = expanded.transpose(1, 2).unflatten(2, (height, width))
+        # (B, 4C, H, W) -> (B, N, 4C)
+        mixed = self.depthwise_conv(grid).flatten(2).transpose(1, 2)
+        mixed = self.dropout(self.activation(mixed))
+        return self.dropout(self.fc2(mixed))
+
+
+class SegformerHFDropPath(nn.Module):
+    """Stochastic depth: drops a residual branch for whole samples during training.
+
+    The surviving samples are scaled by 1/keep_prob so the expected output is unchanged.
+    """
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return branch
+        keep_prob = 1.0 - self.drop_prob
+        mask_shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+        keep = torch.empty(mask_shape, dtype=branch.dtype, device=branch.device).bernoulli_(keep_prob)
+        return branch * keep / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class SegformerHFLayer(GradientCheckpointingLayer):
+    """One pre-norm transformer block: efficient attention then Mix-FFN, each in a residual branch."""
+
+    def __init__(
+        self,
+        config: SegformerHFConfig,
+        hidden_size: int,
+        num_heads: int,
+        reduction_ratio: int,
+        mlp_ratio: int,
+        drop_path: float,
+    ):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = SegformerHFEfficientSelfAttention(config, hidden_size, num_heads, reduction_ratio)
+        self.attention_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mix_ffn = SegformerHFMixFFN(config, hidden_size, mlp_ratio)
+        self.drop_path = SegformerHFDropPath(drop_path)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        attended = self.attention_dropout(self.attention(self.attention_norm(tokens), height, width))
+        tokens = tokens + self.drop_path(attended)
+        return tokens + self.drop_path(self.mix_ffn(self.mlp_norm(tokens), height, width))
+
+
+class SegformerHFStage(nn.Module):
+    """One encoder stage: patch embedding (downsampling), transformer blocks, final LayerNorm."""
+
+    def __init__(self, config: SegformerHFConfig, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        hidden_size = config.hidden_sizes[stage]
+        self.patch_embeddings = SegformerHFOverlapPatchEmbeddings(
+            in_channels=config.num_channels if stage == 0 else config.hidden_sizes[stage - 1],
+            hidden_size=hidden_size,
+            patch_size=config.patch_sizes[stage],
+            stride=config.strides[stage],
+            eps=config.layer_norm_eps,
+        )
+        self.layers = nn.ModuleList(
+            SegformerHFLayer(
+                config,
+                hidden_size=hidden_size,
+                num_heads=config.num_attention_heads[stage],
+                reduction_ratio=config.sr_ratios[stage],
+                mlp_ratio=config.mlp_ratios[stage],
+                drop_path=rate,
+            )
+            for rate in drop_path_rates
+        )
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens, height, width = self.patch_embeddings(features)
+        for layer in self.layers:
+            tokens = layer(tokens, height, width)
+        tokens = self.layer_norm(tokens)
+        # (B, H*W, C) -> (B, C, H, W), left in channels-last memory order (a view, no copy)
+        return tokens.transpose(1, 2).unflatten(2, (height, width))
+
+
+class SegformerHFPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the transformers plumbing shared by every SegFormer head."""
+
+    config_class = SegformerHFConfig
+    config: SegformerHFConfig
+    base_model_prefix = "segformer"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SegformerHFStage"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal linear layers, fan-out normal convolutions, unit norms (as the paper's code)."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+            init.normal_(module.weight, mean=0.0, std=(2.0 / fan_out) ** 0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+
+    @classmethod
+    def from_reference(cls, source, **config_overrides):
+        """Loads an official or transformers-format SegFormer checkpoint (see `segformer_hf.conversion`).
+
+        `source` is a Hub repo id, a local directory, an NVlabs/mmseg `.pth` file or an in-memory
+        transformers Segformer model. Needs the segformer_hf package (not only this remote-code file).
+        """
+        from segformer_hf.conversion import load_reference
+
+        return load_reference(cls, source, **config_overrides)
+
+    def to_transformers(self):
+        """Returns transformers' own `Segformer*` model with identical weights and outputs."""
+        from segformer_hf.conversion import to_transformers
+
+        return to_transformers(self)
+
+
+class SegformerHFModel(SegformerHFPreTrainedModel):
+    """The Mix Transformer (MiT) encoder: four stages at 1/4, 1/8, 1/16 and 1/32 resolution.
+
+    `last_hidden_state` is the 1/32 map; `hidden_states` holds all four stage maps (B, C_i, H_i, W_i),
+    which is what the decoder consumes.
+    """
+
+    def __init__(self, config: SegformerHFConfig):
+        super().__init__(config)
+        total_layers = sum(config.depths)
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+        rates = [config.drop_path_rate * index / max(total_layers - 1, 1) for index in range(total_layers)]
+        starts = [sum(config.depths[:stage]) for stage in range(len(config.depths))]
+        self.stages = nn.ModuleList(
+            SegformerHFStage(config, stage, rates[start : start + depth])
+            for stage, (start, depth) in enumerate(zip(starts, config.depths))
+        )
+        self.post_init()
+
+    def forward_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Returns the four stage feature maps, (B, C_i, H_i, W_i) each."""
+        features = []
+        hidden = pixel_values
+        for stage in self.stages:
+            hidden = stage(hidden)
+            features.append(hidden)
+        return features
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
+        return_dict = _resolve(return_dict, self.config.return_dict)
+        features = self.forward_features(pixel_values)
+        hidden_states = tuple(features) if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (features[-1], hidden_states) if value is not None)
+        return BaseModelOutput(last_hidden_state=features[-1], hidden_states=hidden_states)
+
+
+class SegformerHFForImageClassification(SegformerHFPreTrainedModel):
+    """MiT encoder + global average pooling + linear classifier: the ImageNet head of mit-b* checkpoints."""
+
+    def __init__(self, config: SegformerHFConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.segformer = SegformerHFModel(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
+        return_dict = _resolve(return_dict, self.config.return_dict)
+        features = self.segformer.forward_features(pixel_values)
+        # (B, C, H, W) -> (B, C): global average pooling over all tokens
+        logits = self.classifier(features[-1].mean(dim=(2, 3)))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        hidden_states = tuple(features) if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (loss, logits, hidden_states) if value is not None)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class SegformerHFDecodeHead(nn.Module):
+    """The all-MLP decoder: project each stage to C channels, upsample to 1/4, fuse, classify.
+
+    Parameters keep the published layout (per-stage projections, a 4C -> C fusion whose input blocks
+    are ordered from the coarsest stage to the finest, BatchNorm, ReLU, classifier), so checkpoints map
+    one to one; `forward` applies projection and fusion as one composed linear map per stage, at that
+    stage's resolution (see the module docstring).
+    """
+
+    def __init__(self, config: SegformerHFConfig):
+        super().__init__()
+        width = config.decoder_hidden_size
+        self.stage_projections = nn.ModuleList(nn.Linear(size, width) for size in config.hidden_sizes)
+        # A 1x1 convolution without bias, stored as the matrix it is.
+        self.fuse = nn.Linear(width * len(config.hidden_sizes), width, bias=False)
+        self.batch_norm = nn.BatchNorm2d(width)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Conv2d(width, config.num_labels, kernel_size=1)
+
+    def composed_stage_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Returns, per stage, (weight (C, C_i), bias (C,)) of fuse-slice @ projection."""
+        width = self.fuse.out_features
+        num_stages = len(self.stage_projections)
+        composed = []
+        for stage, projection in enumerate(self.stage_projections):
+            # The fusion input is concatenated coarsest stage first, as in the original implementation.
+            block = num_stages - 1 - stage
+            fuse_slice = self.fuse.weight[:, block * width : (block + 1) * width]
+            composed.append((fuse_slice @ projection.weight, fuse_slice @ projection.bias))
+        return composed
+
+    def forward(self, stage_features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        target_size = stage_features[0].shape[-2:]
+        fused = None
+        for features, (weight, bias) in zip(stage_features, self.composed_stage_weights()):
+            # (B, C_i, H_i, W_i) -> (B, C, H_i, W_i): a 1x1 convolution by the composed weights
+            projected = F.conv2d(features, weight[:, :, None, None], bias)
+            if projected.shape[-2:] != target_size:
+                # Bilinear weights sum to one, so upsampling after the affine map equals upsampling before it.
+                projected = F.interpolate(projected, size=target_size, mode="bilinear", align_corners=False)
+            fused = projected if fused is None else fused + projected
+        hidden = self.dropout(self.activation(self.batch_norm(fused)))
+        # (B, C, H/4, W/4) -> (B, num_labels, H/4, W/4)
+        return self.classifier(hidden)
+
+
+class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
+    """SegFormer for semantic segmentation: MiT encoder + all-MLP decoder, logits at 1/4 resolution.
+
+    With `labels` (B, H, W), the loss is computed on logits bilinearly upsampled to the labels' size:
+    cross-entropy ignoring `semantic_loss_ignore_index`, or, when `num_labels == 1`, binary
+    cross-entropy averaged over the valid (non-ignored, non-negative) pixels only.
+    """
+
+    def __init__(self, config: SegformerHFConfig):
+        super().__init__(config)
+        self.segformer = SegformerHFModel(config)
+        self.decode_head = SegformerHFDecodeHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
+        return_dict = _resolve(return_dict, self.config.return_dict)
+        features = self.segformer.forward_features(pixel_values)
+        logits = self.decode_head(features)
+        loss = self.segmentation_loss(logits, labels) if labels is not None else None
+        hidden_states = tuple(features) if output_hidden_states else None
+        if not return_dict:
+            return tuple(value for value in (loss, logits, hidden_states) if value is not None)
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of 1/4-resolution `logits` (B, K, h, w) against full-resolution `labels` (B, H, W)."""
+        ignore_index = self.config.semantic_loss_ignore_index
+        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        if self.config.num_labels > 1:
+            return F.cross_entropy(upsampled, labels.long(), ignore_index=ignore_index)
+        valid = (labels >= 0) & (labels != ignore_index)
+        per_pixel = F.binary_cross_entropy_with_logits(
+            upsampled.squeeze(1), labels.to(upsampled.dtype), reduction="none"
+        )
+        # Average over valid pixels only; an all-ignored batch contributes a zero (but differentiable) loss.
+        return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _resolve(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+__all__ = [
+    "SegformerHFDecodeHead",
+    "SegformerHFForImageClassification",
+    "SegformerHFForSemanticSegmentation",
+    "SegformerHFModel",
+    "SegformerHFPreTrainedModel",
+]
