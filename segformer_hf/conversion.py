@@ -1,0 +1,635 @@
+"""Loading reference SegFormer weights into segformer_hf, and exporting back to transformers.
+
+Three foreign key layouts are understood, each mapped by a table of regex renames to ours:
+
+* transformers' checkpoint files (`segformer.encoder.block.0.0.attention.self.query.weight`, ...): the
+  layout of every nvidia/* Hub repo and of what transformers 5.x still writes on save;
+* transformers' in-memory module names (`segformer.stages.0.blocks.0.attention.q_proj.weight`, ...),
+  for a live `Segformer*` model;
+* the original NVlabs/mmseg files (`backbone.block1.0.attn.kv.weight`, ...; MiT ImageNet files
+  without the `backbone.` prefix).
+
+Loading is strict: the encoder must be filled completely and every source weight must be used. A
+head the source lacks (a decode head when starting from an ImageNet encoder) is newly initialised
+and reported; a head the target class lacks is dropped and reported; anything else that does not
+fit is an error listing the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .configuration_segformer_hf import VARIANTS, SegformerHFConfig
+from .modeling_segformer_hf import (
+    SegformerHFForImageClassification,
+    SegformerHFForSemanticSegmentation,
+    SegformerHFModel,
+    SegformerHFPreTrainedModel,
+)
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+# transformers checkpoint names -> ours. Block-level renames apply anywhere in a key.
+_TRANSFORMERS_FILE_TO_OURS = [
+    (
+        r"^segformer\.encoder\.patch_embeddings\.(\d+)\.proj\.",
+        r"segformer.stages.\1.patch_embeddings.projection.",
+    ),
+    (
+        r"^segformer\.encoder\.patch_embeddings\.(\d+)\.layer_norm\.",
+        r"segformer.stages.\1.patch_embeddings.layer_norm.",
+    ),
+    (r"^segformer\.encoder\.block\.(\d+)\.(\d+)\.", r"segformer.stages.\1.layers.\2."),
+    (r"^segformer\.encoder\.layer_norm\.(\d+)\.", r"segformer.stages.\1.layer_norm."),
+    (r"\.layer_norm_1\.", ".attention_norm."),
+    (r"\.layer_norm_2\.", ".mlp_norm."),
+    (r"\.attention\.self\.query\.", ".attention.query."),
+    (r"\.attention\.self\.key\.", ".attention.key."),
+    (r"\.attention\.self\.value\.", ".attention.value."),
+    (r"\.attention\.self\.sr\.", ".attention.reduction.conv."),
+    (r"\.attention\.self\.layer_norm\.", ".attention.reduction.layer_norm."),
+    (r"\.attention\.output\.dense\.", ".attention.output."),
+    (r"\.mlp\.dense1\.", ".mix_ffn.fc1."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mix_ffn.depthwise_conv."),
+    (r"\.mlp\.dense2\.", ".mix_ffn.fc2."),
+    (r"^decode_head\.linear_c\.(\d+)\.proj\.", r"decode_head.stage_projections.\1."),
+    (r"^decode_head\.linear_fuse\.", "decode_head.fuse."),
+]
+
+# transformers 5.x module names (a live model's state_dict) -> its checkpoint names.
+_TRANSFORMERS_MODULE_TO_FILE = [
+    (r"^segformer\.stages\.(\d+)\.patch_embeddings\.", r"segformer.encoder.patch_embeddings.\1."),
+    (r"^segformer\.stages\.(\d+)\.blocks\.(\d+)\.", r"segformer.encoder.block.\1.\2."),
+    (r"^segformer\.stages\.(\d+)\.layer_norm\.", r"segformer.encoder.layer_norm.\1."),
+    (r"\.layernorm_before\.", ".layer_norm_1."),
+    (r"\.layernorm_after\.", ".layer_norm_2."),
+    (r"\.attention\.q_proj\.", ".attention.self.query."),
+    (r"\.attention\.k_proj\.", ".attention.self.key."),
+    (r"\.attention\.v_proj\.", ".attention.self.value."),
+    (r"\.attention\.sequence_reduction\.sequence_reduction\.", ".attention.self.sr."),
+    (r"\.attention\.sequence_reduction\.layer_norm\.", ".attention.self.layer_norm."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".mlp.dense1."),
+    (r"\.mlp\.fc2\.", ".mlp.dense2."),
+    (r"^decode_head\.linear_projections\.", "decode_head.linear_c."),
+]
+
+# NVlabs/mmseg names (after stripping `backbone.`, re-prefixed below) -> ours. Stages are 1-based there.
+_NVLABS_TO_OURS = [
+    (r"^patch_embed(\d)\.proj\.", lambda m: f"segformer.stages.{int(m[1]) - 1}.patch_embeddings.projection."),
+    (r"^patch_embed(\d)\.norm\.", lambda m: f"segformer.stages.{int(m[1]) - 1}.patch_embeddings.layer_norm."),
+    (r"^block(\d)\.(\d+)\.", lambda m: f"segformer.stages.{int(m[1]) - 1}.layers.{m[2]}."),
+    (r"^norm(\d)\.", lambda m: f"segformer.stages.{int(m[1]) - 1}.layer_norm."),
+    (r"\.norm1\.", ".attention_norm."),
+    (r"\.norm2\.", ".mlp_norm."),
+    (r"\.attn\.q\.", ".attention.query."),
+    (r"\.attn\.kv\.", ".attention.key_value."),
+    (r"\.attn\.sr\.", ".attention.reduction.conv."),
+    (r"\.attn\.norm\.", ".attention.reduction.layer_norm."),
+    (r"\.attn\.proj\.", ".attention.output."),
+    (r"\.mlp\.fc1\.", ".mix_ffn.fc1."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mix_ffn.depthwise_conv."),
+    (r"\.mlp\.fc2\.", ".mix_ffn.fc2."),
+    (r"^decode_head\.linear_c(\d)\.proj\.", lambda m: f"decode_head.stage_projections.{int(m[1]) - 1}."),
+    (r"^decode_head\.linear_fuse\.conv\.", "decode_head.fuse."),
+    (r"^decode_head\.linear_fuse\.bn\.", "decode_head.batch_norm."),
+    (r"^decode_head\.linear_pred\.", "decode_head.classifier."),
+    (r"^head\.", "classifier."),
+]
+# mmseg's BaseDecodeHead always builds `conv_seg`; SegFormer's head never uses it.
+_NVLABS_KNOWN_UNUSED = re.compile(r"^decode_head\.conv_seg\.")
+
+# ours -> transformers checkpoint names: the inverse of _TRANSFORMERS_FILE_TO_OURS.
+_OURS_TO_TRANSFORMERS_FILE = [
+    (
+        r"^segformer\.stages\.(\d+)\.patch_embeddings\.projection\.",
+        r"segformer.encoder.patch_embeddings.\1.proj.",
+    ),
+    (
+        r"^segformer\.stages\.(\d+)\.patch_embeddings\.layer_norm\.",
+        r"segformer.encoder.patch_embeddings.\1.layer_norm.",
+    ),
+    (r"^segformer\.stages\.(\d+)\.layers\.(\d+)\.", r"segformer.encoder.block.\1.\2."),
+    (r"^segformer\.stages\.(\d+)\.layer_norm\.", r"segformer.encoder.layer_norm.\1."),
+    (r"\.attention_norm\.", ".layer_norm_1."),
+    (r"\.mlp_norm\.", ".layer_norm_2."),
+    (r"\.attention\.query\.", ".attention.self.query."),
+    (r"\.attention\.key\.", ".attention.self.key."),
+    (r"\.attention\.value\.", ".attention.self.value."),
+    (r"\.attention\.reduction\.conv\.", ".attention.self.sr."),
+    (r"\.attention\.reduction\.layer_norm\.", ".attention.self.layer_norm."),
+    (r"\.attention\.output\.", ".attention.output.dense."),
+    (r"\.mix_ffn\.fc1\.", ".mlp.dense1."),
+    (r"\.mix_ffn\.depthwise_conv\.", ".mlp.dwconv.dwconv."),
+    (r"\.mix_ffn\.fc2\.", ".mlp.dense2."),
+    (r"^decode_head\.stage_projections\.(\d+)\.", r"decode_head.linear_c.\1.proj."),
+    (r"^decode_head\.fuse\.", "decode_head.linear_fuse."),
+]
+
+# Architecture fields that transformers' SegformerConfig and ours share by name.
+_SHARED_CONFIG_FIELDS = (
+    "num_channels",
+    "depths",
+    "hidden_sizes",
+    "num_attention_heads",
+    "sr_ratios",
+    "patch_sizes",
+    "strides",
+    "mlp_ratios",
+    "decoder_hidden_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout_prob",
+    "drop_path_rate",
+    "initializer_range",
+    "semantic_loss_ignore_index",
+)
+
+
+class ReferenceLoadError(ValueError):
+    """A reference checkpoint does not fit the requested model; the message lists the offending keys."""
+
+
+def rename_keys(state_dict: StateDict, table: Iterable[tuple[str, Any]]) -> StateDict:
+    """Applies every (pattern, replacement) of `table` to every key, in order."""
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in table]
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in compiled:
+            key = pattern.sub(replacement, key)
+        renamed[key] = tensor
+    return renamed
+
+
+def _fuse_key_value(state_dict: StateDict) -> StateDict:
+    """Concatenates separate key/value projections into our single `key_value` projection."""
+    fused = {}
+    for key, tensor in state_dict.items():
+        if ".attention.value." in key:
+            continue
+        if ".attention.key." in key:
+            value_key = key.replace(".attention.key.", ".attention.value.")
+            if value_key not in state_dict:
+                raise ReferenceLoadError(f"Found {key} without its partner {value_key}.")
+            fused[key.replace(".attention.key.", ".attention.key_value.")] = torch.cat(
+                [tensor, state_dict[value_key]], dim=0
+            )
+        else:
+            fused[key] = tensor
+    orphans = [
+        k for k in state_dict if ".attention.value." in k and k.replace(".value.", ".key.") not in state_dict
+    ]
+    if orphans:
+        raise ReferenceLoadError(f"Found value projections without key projections: {orphans}")
+    return fused
+
+
+def _split_key_value(state_dict: StateDict) -> StateDict:
+    split = {}
+    for key, tensor in state_dict.items():
+        if ".attention.key_value." in key:
+            key_part, value_part = tensor.chunk(2, dim=0)
+            split[key.replace(".key_value.", ".key.")] = key_part
+            split[key.replace(".key_value.", ".value.")] = value_part
+        else:
+            split[key] = tensor
+    return split
+
+
+def _squeeze_fuse_weight(state_dict: StateDict) -> StateDict:
+    """The fusion is a 1x1 conv in the references and a plain matrix here: (C, 4C, 1, 1) -> (C, 4C)."""
+    weight = state_dict.get("decode_head.fuse.weight")
+    if weight is not None and weight.ndim == 4:
+        state_dict = {**state_dict, "decode_head.fuse.weight": weight.flatten(1)}
+    return state_dict
+
+
+def _detect_layout(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    if any(k.startswith("segformer.encoder.") for k in keys):
+        return "transformers"
+    if any(k.startswith("segformer.stages.") and ".blocks." in k for k in keys):
+        return "transformers_module"
+    if any(k.startswith("segformer.stages.") and ".layers." in k for k in keys):
+        return "segformer_hf"
+    if any(re.match(r"^(backbone\.)?(patch_embed\d|block\d)\.", k) for k in keys):
+        return "nvlabs"
+    raise ReferenceLoadError(
+        "Unrecognised checkpoint layout: expected transformers (segformer.encoder.*), NVlabs/mmseg "
+        f"(backbone.block1.*, patch_embed1.*) or segformer_hf keys; first keys are {keys[:5]}"
+    )
+
+
+def to_our_state_dict(state_dict: StateDict) -> tuple[StateDict, list[str]]:
+    """Maps a foreign SegFormer state dict to our key names.
+
+    Returns the mapped state dict and the source keys that are known to be unused (mmseg's
+    `decode_head.conv_seg`), so the caller can say what it skipped.
+    """
+    if not any(k.startswith(("segformer.", "decode_head.", "classifier.", "backbone.")) for k in state_dict):
+        # A bare encoder (transformers' SegformerModel, our SegformerHFModel) has no `segformer.` prefix.
+        if any(k.startswith(("encoder.", "stages.")) for k in state_dict):
+            state_dict = {f"segformer.{k}": v for k, v in state_dict.items()}
+    layout = _detect_layout(state_dict)
+    skipped: list[str] = []
+    if layout == "transformers_module":
+        state_dict = rename_keys(state_dict, _TRANSFORMERS_MODULE_TO_FILE)
+        layout = "transformers"
+    if layout == "transformers":
+        mapped = _fuse_key_value(rename_keys(state_dict, _TRANSFORMERS_FILE_TO_OURS))
+    elif layout == "nvlabs":
+        skipped = [k for k in state_dict if _NVLABS_KNOWN_UNUSED.match(k)]
+        stripped = {
+            k.removeprefix("backbone."): v for k, v in state_dict.items() if not _NVLABS_KNOWN_UNUSED.match(k)
+        }
+        mapped = rename_keys(stripped, _NVLABS_TO_OURS)
+    else:
+        mapped = dict(state_dict)
+    return _squeeze_fuse_weight(mapped), skipped
+
+
+def to_transformers_state_dict(state_dict: StateDict) -> StateDict:
+    """Maps our state dict to transformers' checkpoint key names (what nvidia/* repos hold)."""
+    renamed = rename_keys(_split_key_value(state_dict), _OURS_TO_TRANSFORMERS_FILE)
+    fuse = renamed.get("decode_head.linear_fuse.weight")
+    if fuse is not None:
+        renamed["decode_head.linear_fuse.weight"] = fuse[:, :, None, None]
+    return renamed
+
+
+def infer_config_from_state_dict(state_dict: StateDict, **overrides: Any) -> SegformerHFConfig:
+    """Reads the architecture off tensor shapes, for checkpoints that come without a config.
+
+    Widths, depths, kernel sizes, reduction and MLP ratios, the decoder width and the number of labels
+    are all visible in the weights. Head counts and strides are not: the published MiT values
+    (1/2/5/8 heads, strides 4/2/2/2) are assumed unless given in `overrides`.
+    """
+    return SegformerHFConfig(**{**_fields_from_shapes(state_dict), **overrides})
+
+
+def _fields_from_shapes(state_dict: StateDict) -> dict[str, Any]:
+    stage_indices = sorted(
+        {
+            int(m[1])
+            for k in state_dict
+            if (m := re.match(r"^segformer\.stages\.(\d+)\.patch_embeddings\.", k))
+        }
+    )
+    if not stage_indices:
+        raise ReferenceLoadError("Cannot infer the architecture: the checkpoint has no patch embeddings.")
+    fields: dict[str, Any] = {
+        "depths": [],
+        "hidden_sizes": [],
+        "patch_sizes": [],
+        "sr_ratios": [],
+        "mlp_ratios": [],
+    }
+    for stage in stage_indices:
+        prefix = f"segformer.stages.{stage}."
+        projection = state_dict[prefix + "patch_embeddings.projection.weight"]
+        width = projection.shape[0]
+        layer_ids = {
+            int(m[1]) for k in state_dict if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))
+        }
+        reduction = state_dict.get(prefix + "layers.0.attention.reduction.conv.weight")
+        fc1 = state_dict.get(prefix + "layers.0.mix_ffn.fc1.weight")
+        fields["depths"].append(len(layer_ids))
+        fields["hidden_sizes"].append(width)
+        fields["patch_sizes"].append(projection.shape[-1])
+        fields["sr_ratios"].append(reduction.shape[-1] if reduction is not None else 1)
+        fields["mlp_ratios"].append(fc1.shape[0] // width if fc1 is not None else 4)
+        if stage == 0:
+            fields["num_channels"] = projection.shape[1]
+    num_stages = len(stage_indices)
+    fields["num_attention_heads"] = [1, 2, 5, 8][:num_stages]
+    fields["strides"] = [4, 2, 2, 2][:num_stages]
+    if "decode_head.stage_projections.0.weight" in state_dict:
+        fields["decoder_hidden_size"] = state_dict["decode_head.stage_projections.0.weight"].shape[0]
+    classifier = state_dict.get("decode_head.classifier.weight", state_dict.get("classifier.weight"))
+    if classifier is not None:
+        fields["num_labels"] = classifier.shape[0]
+    for name, sizes in VARIANTS.items():
+        if (
+            list(sizes["hidden_sizes"]) == fields["hidden_sizes"]
+            and list(sizes["depths"]) == fields["depths"]
+        ):
+            fields["variant"] = name
+    return fields
+
+
+def config_from_transformers(reference_config: Any, **overrides: Any) -> SegformerHFConfig:
+    """Builds our config from transformers' SegformerConfig (object or dict), labels included.
+
+    `layer_norm_eps` is not carried over: transformers' modules ignore it and use PyTorch's 1e-5,
+    which is our default.
+    """
+    values = reference_config if isinstance(reference_config, dict) else reference_config.to_dict()
+    return SegformerHFConfig(**{**_fields_from_transformers(values), **overrides})
+
+
+def _fields_from_transformers(values: dict) -> dict[str, Any]:
+    fields = {name: values[name] for name in _SHARED_CONFIG_FIELDS if name in values}
+    if values.get("id2label"):
+        fields["id2label"] = {int(k): v for k, v in values["id2label"].items()}
+        fields["label2id"] = {v: int(k) for k, v in values["id2label"].items()}
+    for name, sizes in VARIANTS.items():
+        if list(sizes["hidden_sizes"]) == list(fields.get("hidden_sizes", ())) and list(
+            sizes["depths"]
+        ) == list(fields.get("depths", ())):
+            fields["variant"] = name
+    return fields
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> StateDict:
+    """Reads weights from safetensors, or from a pickle file with `weights_only=True` (never executes code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ReferenceLoadError(
+            f"Could not read {path} as a weights-only PyTorch checkpoint ({error}). Files that need arbitrary "
+            "code to unpickle are refused; convert them to safetensors where you trust them."
+        ) from error
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ReferenceLoadError(f"{path} does not hold a state dict of tensors.")
+    return checkpoint
+
+
+def _read_directory(directory: Path) -> tuple[StateDict, dict | None]:
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").exists():
+        return load_file(str(directory / "model.safetensors")), config
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state_dict: StateDict = {}
+        for shard in shards:
+            state_dict.update(load_file(str(directory / shard)))
+        return state_dict, config
+    for name in ("pytorch_model.bin", "model.pth", "model.pt"):
+        if (directory / name).exists():
+            return read_checkpoint_file(directory / name), config
+    raise ReferenceLoadError(
+        f"{directory} holds no model.safetensors, sharded safetensors index or pytorch_model.bin."
+    )
+
+
+def _download(repo_id: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=[
+                    "config.json",
+                    "*.safetensors",
+                    "*.safetensors.index.json",
+                    "pytorch_model.bin",
+                ],
+            )
+        )
+    except Exception as error:
+        raise ReferenceLoadError(
+            f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            "Check the repo id and your connection, or pass a local directory or checkpoint file."
+        ) from error
+
+
+def read_reference(source: Any, revision: str | None = None) -> tuple[StateDict, dict | None]:
+    """Reads (state dict, config dict or None) from any supported source."""
+    if isinstance(source, nn.Module):
+        config = getattr(source, "config", None)
+        return dict(source.state_dict()), (config.to_dict() if config is not None else None)
+    if isinstance(source, dict):
+        return source, None
+    path = Path(source)
+    if path.is_dir():
+        return _read_directory(path)
+    if path.is_file():
+        return read_checkpoint_file(path), None
+    if (
+        isinstance(source, str)
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", source)
+        and not source.startswith((".", "/"))
+    ):
+        return _read_directory(_download(source, revision))
+    raise ReferenceLoadError(f"{source!r} is neither an existing file or directory nor a Hub repo id.")
+
+
+def _target_prefix(model: SegformerHFPreTrainedModel) -> str:
+    return "" if isinstance(model, SegformerHFModel) else "segformer."
+
+
+def _component(key: str) -> str:
+    if key.startswith("segformer.") or key.startswith("stages."):
+        return "encoder"
+    if key.startswith("decode_head."):
+        return "decode_head"
+    if key.startswith("classifier."):
+        return "image_classifier"
+    return "unknown"
+
+
+def load_state_dict_strictly(
+    model: SegformerHFPreTrainedModel,
+    state_dict: StateDict,
+    ignore_mismatched_sizes: bool = False,
+) -> dict[str, list[str]]:
+    """Loads our-named `state_dict` into `model`, refusing anything that would be silently wrong.
+
+    Returns a report: `newly_initialized` (whole heads the source lacks, or resized classifiers with
+    `ignore_mismatched_sizes`) and `dropped` (heads that the target class does not have).
+
+    Raises:
+        ReferenceLoadError: listing missing, unexpected and mis-shaped keys.
+    """
+    if isinstance(model, SegformerHFModel):
+        state_dict = {k.removeprefix("segformer."): v for k, v in state_dict.items()}
+    target = model.state_dict()
+    target_components = {_component(k) for k in target}
+    source_components = {_component(k) for k in state_dict}
+
+    dropped = [k for k in state_dict if _component(k) not in target_components and _component(k) != "unknown"]
+    unexpected = [k for k in state_dict if k not in target and k not in dropped]
+    missing = [k for k in target if k not in state_dict]
+    # A head that is entirely absent from the source is a fresh head (fine-tuning an encoder); a head
+    # that is partly there is a broken checkpoint.
+    fresh_heads = target_components - source_components - {"encoder"}
+    missing = [k for k in missing if _component(k) not in fresh_heads]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in state_dict and state_dict[k].shape != target[k].shape
+    ]
+    resized = []
+    if ignore_mismatched_sizes:
+        # Only a classifier may be resized (a new label set); an encoder of another shape is another model.
+        resized = [
+            m.split(":")[0] for m in mismatched if m.startswith(("decode_head.classifier.", "classifier."))
+        ]
+        mismatched = [m for m in mismatched if m.split(":")[0] not in resized]
+    if missing or unexpected or mismatched:
+        raise ReferenceLoadError(
+            "The checkpoint does not fit this model; nothing was loaded.\n"
+            f"  missing ({len(missing)}): {missing[:20]}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n"
+            f"  mis-shaped ({len(mismatched)}): {mismatched[:20]}"
+            + (
+                "\n  A classifier of another size means another label set: pass ignore_mismatched_sizes=True "
+                "to start a new head."
+                if any(m.startswith(("decode_head.classifier.", "classifier.")) for m in mismatched)
+                else ""
+            )
+        )
+    to_load = {k: v for k, v in state_dict.items() if k in target and k not in resized}
+    # Strict apart from the keys we decided to initialise fresh.
+    incompatible = model.load_state_dict(to_load, strict=False)
+    assert not incompatible.unexpected_keys
+    newly_initialized = sorted(set(incompatible.missing_keys))
+    if newly_initialized:
+        logger.warning(
+            "Newly initialised (not in the checkpoint): %s. Train the model before using it for predictions.",
+            ", ".join(sorted({k.rsplit(".", 1)[0] for k in newly_initialized})),
+        )
+    if dropped:
+        logger.info(
+            "Dropped checkpoint heads that %s does not have: %d tensors", type(model).__name__, len(dropped)
+        )
+    return {"newly_initialized": newly_initialized, "dropped": sorted(dropped)}
+
+
+def load_reference(
+    model_class: type[SegformerHFPreTrainedModel],
+    source: Any,
+    revision: str | None = None,
+    ignore_mismatched_sizes: bool = False,
+    **config_overrides: Any,
+) -> SegformerHFPreTrainedModel:
+    """Builds `model_class` from a reference SegFormer checkpoint, strictly (see module docstring).
+
+    Args:
+        model_class: one of our model classes.
+        source: Hub repo id, local directory (transformers or segformer_hf format), `.pth`/`.bin`/
+            `.safetensors` file (transformers or NVlabs/mmseg layout), a state dict, or a live
+            transformers Segformer model.
+        revision: Hub revision, for repo ids.
+        ignore_mismatched_sizes: start a new classifier when the label count differs.
+        **config_overrides: config fields to set (e.g. `num_labels`, `id2label`, `drop_path_rate`).
+    """
+    state_dict, reference_config = read_reference(source, revision=revision)
+    mapped, skipped = to_our_state_dict(state_dict)
+    if skipped:
+        logger.info("Skipping weights the reference never uses: %s", skipped)
+    if reference_config is not None and reference_config.get("model_type") == "segformer_hf":
+        fields = _config_fields(reference_config)
+    elif reference_config is not None and reference_config.get("model_type") == "segformer":
+        fields = _fields_from_transformers(reference_config)
+    else:
+        fields = _fields_from_shapes(mapped)
+    if "num_labels" in config_overrides and "id2label" not in config_overrides:
+        # A new label count replaces the source's label names rather than contradicting them.
+        fields.pop("id2label", None)
+        fields.pop("label2id", None)
+    config = SegformerHFConfig(**{**fields, **config_overrides})
+    model = model_class(config)
+    load_state_dict_strictly(model, mapped, ignore_mismatched_sizes=ignore_mismatched_sizes)
+    return model
+
+
+def _config_fields(config_dict: dict) -> dict:
+    return {
+        k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version", "auto_map")
+    }
+
+
+_TRANSFORMERS_CLASS_FOR = {
+    SegformerHFForSemanticSegmentation: "SegformerForSemanticSegmentation",
+    SegformerHFForImageClassification: "SegformerForImageClassification",
+    SegformerHFModel: "SegformerModel",
+}
+
+
+def transformers_config(config: SegformerHFConfig):
+    """Our config as transformers' `SegformerConfig` (same architecture, labels and loss index)."""
+    from transformers import SegformerConfig
+
+    fields = {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
+    return SegformerConfig(
+        **fields,
+        num_encoder_blocks=config.num_encoder_blocks,
+        id2label=dict(config.id2label),
+        label2id=dict(config.label2id),
+    )
+
+
+def to_transformers(model: SegformerHFPreTrainedModel):
+    """Returns transformers' stock Segformer model with our weights: same outputs, no remote code."""
+    import transformers
+
+    class_name = next(name for cls, name in _TRANSFORMERS_CLASS_FOR.items() if isinstance(model, cls))
+    reference = getattr(transformers, class_name)(transformers_config(model.config))
+    ours = model.state_dict()
+    if isinstance(model, SegformerHFModel):
+        ours = {f"segformer.{k}": v for k, v in ours.items()}
+    file_named = to_transformers_state_dict(ours)
+    target_keys = reference.state_dict().keys()
+    if _detect_layout(target_keys) == "transformers_module":
+        module_named = _invert_module_names(file_named, target_keys)
+    else:
+        module_named = file_named
+    if class_name == "SegformerModel":
+        module_named = {k.removeprefix("segformer."): v for k, v in module_named.items()}
+    reference.load_state_dict({k: v.clone() for k, v in module_named.items()}, strict=True)
+    return reference.to(next(model.parameters()).device).train(model.training)
+
+
+def _invert_module_names(file_named: StateDict, module_keys: Iterable[str]) -> StateDict:
+    """Maps checkpoint names to a live transformers model's module names, via the forward table."""
+    module_keys = list(module_keys)
+    prefixed = [
+        k if k.startswith(("segformer.", "decode_head.", "classifier.")) else f"segformer.{k}"
+        for k in module_keys
+    ]
+    forward = rename_keys(dict.fromkeys(prefixed, None), _TRANSFORMERS_MODULE_TO_FILE)
+    file_to_module = {}
+    for module_key, file_key in zip(prefixed, forward):
+        file_to_module[file_key] = module_key
+    unknown = [k for k in file_named if k not in file_to_module]
+    if unknown:
+        raise ReferenceLoadError(f"Cannot place these weights in transformers' model: {unknown[:10]}")
+    return {file_to_module[k]: v for k, v in file_named.items()}
+
+
+__all__ = [
+    "ReferenceLoadError",
+    "config_from_transformers",
+    "infer_config_from_state_dict",
+    "load_reference",
+    "load_state_dict_strictly",
+    "read_reference",
+    "to_our_state_dict",
+    "to_transformers",
+    "to_transformers_state_dict",
+    "transformers_config",
+]
