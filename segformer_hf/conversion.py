@@ -593,7 +593,10 @@ def to_transformers(model: SegformerHFPreTrainedModel):
     if isinstance(model, SegformerHFModel):
         ours = {f"segformer.{k}": v for k, v in ours.items()}
     file_named = to_transformers_state_dict(ours)
-    target_keys = reference.state_dict().keys()
+    target_keys = [
+        k if k.startswith(("segformer.", "decode_head.", "classifier.")) else f"segformer.{k}"
+        for k in reference.state_dict()
+    ]
     if _detect_layout(target_keys) == "transformers_module":
         module_named = _invert_module_names(file_named, target_keys)
     else:

@@ -13,6 +13,8 @@ decoder's cost.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -257,15 +259,11 @@ class SegformerHFPreTrainedModel(PreTrainedModel):
         `source` is a Hub repo id, a local directory, an NVlabs/mmseg `.pth` file or an in-memory
         transformers Segformer model. Needs the segformer_hf package (not only this remote-code file).
         """
-        from segformer_hf.conversion import load_reference
-
-        return load_reference(cls, source, **config_overrides)
+        return _conversion_module().load_reference(cls, source, **config_overrides)
 
     def to_transformers(self):
         """Returns transformers' own `Segformer*` model with identical weights and outputs."""
-        from segformer_hf.conversion import to_transformers
-
-        return to_transformers(self)
+        return _conversion_module().to_transformers(self)
 
 
 class SegformerHFModel(SegformerHFPreTrainedModel):
@@ -446,6 +444,20 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
         )
         # Average over valid pixels only; an all-ignored batch contributes a zero (but differentiable) loss.
         return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _conversion_module():
+    """segformer_hf's conversion code, imported lazily by name.
+
+    A plain import statement would make transformers' remote-code loader demand the segformer_hf
+    package from users who only want to run a shared model.
+    """
+    try:
+        return importlib.import_module("segformer_hf.conversion")
+    except ImportError as error:
+        raise ImportError(
+            "from_reference/to_transformers need the segformer_hf package: pip install segformer_hf"
+        ) from error
 
 
 def _resolve(value: bool | None, default: bool) -> bool:
