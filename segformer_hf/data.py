@@ -1,0 +1,1044 @@
+"""Segmentation data: loading any supported source as `datasets`, and the paper's augmentation.
+
+Every source ends up as the same two `datasets.Dataset` splits with the columns `image`, `label`
+(undecoded: `{"bytes", "path"}` for files, or whatever the source holds), `sample_id` (the file, or
+"NAME SPLIT row N") and `sample_index` (the row number). Decoding happens inside the transforms, in
+the DataLoader workers, so that a truncated file or a wrong label map raises an error that names the
+sample, instead of failing somewhere inside `datasets` with no hint of which file was at fault.
+
+The training transform is the mmsegmentation pipeline the SegFormer paper trained with (resize with
+a random ratio, crop with a limit on the share of one class, flip, photometric distortion, ImageNet
+normalisation, pad). Every random draw for a sample comes from one generator seeded with
+`(seed, epoch, sample_index)`, so a sample's augmentation does not depend on the number of workers
+or processes, nor on any global random state: an interrupted run resumes with exactly the batches
+it would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+Size = tuple[int, int]
+
+DATA_FORMATS = ("auto", "pairs", "ade20k", "cityscapes", "imagefolder", "parquet")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_FILES = ("classes.json", "id2label.json")
+
+# Names under which datasets publish the same split; a requested name also finds its aliases.
+SPLIT_ALIASES = (
+    ("train", "training"),
+    ("validation", "val", "valid", "dev"),
+    ("test", "testing"),
+)
+
+# mmseg's PhotoMetricDistortion defaults, which every SegFormer recipe uses.
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18
+
+# mmseg's RandomCrop: how many extra crops are tried when one class dominates the crop.
+CROP_RETRIES = 10
+
+
+class BadSampleError(ValueError):
+    """A sample whose files or values cannot be used; the message names the sample and the problem.
+
+    The only error `skip_bad_samples` tolerates: a bug in the pipeline itself must still stop the run.
+    """
+
+
+# Loading ---------------------------------------------------------------------------------------------------
+
+
+def load_segmentation_dataset(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    data_format: str = "auto",
+    train_split: str = "train",
+    validation_split: str = "validation",
+    image_column: str = "image",
+    label_column: str = "label",
+    validation_fraction: float = 0.1,
+    seed: int = 42,
+) -> dict[str, datasets.Dataset]:
+    """The training and validation splits of a Hub dataset or a local directory, in the standard columns.
+
+    `dataset_name` is anything `datasets.load_dataset` accepts (a Hub id or a local dataset directory);
+    its `image_column` and `label_column` become `image` and `label`. `data_dir` is a local tree in
+    one of `DATA_FORMATS` (`auto` detects it, see `detect_data_format`). A split is found under its
+    own name or a common alias (`validation` also finds `val`, ADE20K's `training` answers `train`).
+    Without a validation split, a seeded `validation_fraction` of the training split is held out.
+
+    Returns:
+        `{"train": Dataset, "validation": Dataset}` with columns image, label, sample_id, sample_index.
+
+    Raises:
+        ValueError: both or neither source given, unknown format, missing split or column, empty split.
+        FileNotFoundError: `data_dir` does not exist.
+    """
+    splits, source = _load_splits(
+        dataset_name, dataset_config_name, data_dir, data_format, image_column, label_column
+    )
+    train_name = _find_split(splits, train_split)
+    if train_name is None:
+        raise ValueError(
+            f"{source} has no training split {train_split!r}; available splits: {sorted(splits)}. "
+            "Set train_split to one of them."
+        )
+    validation_name = _find_split(splits, validation_split)
+    train = _materialise(splits[train_name], source, train_name)
+    if validation_name is not None:
+        return {"train": train, "validation": _materialise(splits[validation_name], source, validation_name)}
+    logger.info(
+        "%s has no split %r: holding out %.0f%% of %r as validation (seed %d)",
+        source,
+        validation_split,
+        100 * validation_fraction,
+        train_name,
+        seed,
+    )
+    train, validation = _hold_out(train, validation_fraction, seed, source)
+    return {"train": train, "validation": validation}
+
+
+def load_evaluation_split(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    data_format: str = "auto",
+    split: str = "validation",
+    image_column: str = "image",
+    label_column: str = "label",
+) -> datasets.Dataset:
+    """One split to evaluate on, in the standard columns (see `load_segmentation_dataset`).
+
+    Unlike training, a missing split is an error: evaluating on a hold-out drawn from the training
+    data would silently measure something else.
+    """
+    splits, source = _load_splits(
+        dataset_name, dataset_config_name, data_dir, data_format, image_column, label_column
+    )
+    name = _find_split(splits, split)
+    if name is None:
+        raise ValueError(f"{source} has no split {split!r}; available splits: {sorted(splits)}")
+    return _materialise(splits[name], source, name)
+
+
+def _load_splits(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    data_dir: str | os.PathLike | None,
+    data_format: str,
+    image_column: str,
+    label_column: str,
+) -> tuple[dict[str, datasets.Dataset | _FileSplit], str]:
+    """All splits of the source (on-disk layouts not yet listed), and a name for it in messages."""
+    if (dataset_name is None) == (data_dir is None):
+        raise ValueError("Give exactly one data source: dataset_name (Hub id or dataset path) or data_dir")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {', '.join(DATA_FORMATS)}; got {data_format!r}")
+    if dataset_name is not None:
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name)
+        splits = _standard_splits(loaded, dataset_name, image_column, label_column)
+        source = dataset_name
+    else:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data_dir {root} does not exist or is not a directory")
+        if data_format == "auto":
+            data_format = detect_data_format(root)
+        source = f"{root} ({data_format})"
+        if data_format in ("imagefolder", "parquet"):
+            loaded = datasets.load_dataset(data_format, data_dir=str(root))
+            splits = _standard_splits(loaded, str(root), image_column, label_column)
+        else:
+            splits = _file_layout_splits(root, data_format)
+    return splits, source
+
+
+def detect_data_format(data_dir: str | os.PathLike) -> str:
+    """Which on-disk layout `data_dir` holds: ade20k, cityscapes, pairs, parquet or imagefolder.
+
+    Raises:
+        ValueError: no known layout; the message says what each layout looks like.
+    """
+    root = Path(data_dir)
+    if _ade20k_root(root) is not None:
+        return "ade20k"
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if _pairs_split_dirs(root):
+        return "pairs"
+    if next(root.rglob("*.parquet"), None) is not None:
+        return "parquet"
+    if any(next(root.rglob(f"metadata.{ext}"), None) for ext in ("jsonl", "csv")):
+        return "imagefolder"
+    raise ValueError(
+        f"Cannot tell the layout of {root}. Expected one of: pairs ({{split}}/images/* with "
+        "{split}/labels/* of the same stem, or images/ + labels/), ade20k (images/{training,validation}/ "
+        "+ annotations/...), cityscapes (leftImg8bit/ + gtFine/), parquet files, or an imagefolder with "
+        "metadata.jsonl/csv holding file_name and label_file_name. Or set data_format explicitly."
+    )
+
+
+def _standard_splits(
+    loaded: datasets.DatasetDict | datasets.Dataset, source: str, image_column: str, label_column: str
+) -> dict[str, datasets.Dataset]:
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return {
+        name: _standard_columns(split, source, name, image_column, label_column)
+        for name, split in loaded.items()
+    }
+
+
+def _standard_columns(
+    dataset: datasets.Dataset, source: str, split: str, image_column: str, label_column: str
+) -> datasets.Dataset:
+    """Keeps the image and label columns as `image`/`label`, undecoded, and names every row."""
+    missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{source} split {split!r} has no column {' or '.join(map(repr, missing))}; available columns: "
+            f"{dataset.column_names}. Set image_column and label_column to the image and label-map columns."
+        )
+    if image_column == label_column:
+        raise ValueError(f"image_column and label_column are both {image_column!r}")
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
+    for column in ("image", "label"):
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _file_layout_splits(root: Path, data_format: str) -> dict[str, _FileSplit]:
+    """The splits of a pairs, ade20k or cityscapes tree; files are listed only for the splits used."""
+    if data_format == "pairs":
+        return {
+            name: _FileSplit(root, partial(_pairs_split, directory))
+            for name, directory in _pairs_split_dirs(root).items()
+        }
+    if data_format == "ade20k":
+        ade_root = _ade20k_root(root)
+        if ade_root is None:
+            raise ValueError(
+                f"{root} is not an ADE20K tree: expected images/{{training,validation}}/*.jpg and "
+                "annotations/{training,validation}/*.png (ADEChallengeData2016)"
+            )
+        return {
+            split.name: _FileSplit(root, partial(_ade20k_split, ade_root, split.name))
+            for split in sorted((ade_root / "images").iterdir())
+            if split.is_dir()
+        }
+    if data_format == "cityscapes":
+        if not (root / "leftImg8bit").is_dir():
+            raise ValueError(f"{root} is not a Cityscapes tree: expected leftImg8bit/ and gtFine/")
+        return {
+            split.name: _FileSplit(root, partial(_cityscapes_split, root, split.name))
+            for split in sorted((root / "leftImg8bit").iterdir())
+            if split.is_dir()
+        }
+    raise ValueError(f"not a file layout: {data_format}")
+
+
+def _pairs_split_dirs(root: Path) -> dict[str, Path]:
+    """Split name -> directory holding images/ and labels/ (a flat root counts as the `train` split)."""
+    found = {
+        child.name: child
+        for child in sorted(root.iterdir())
+        if child.is_dir() and (child / "images").is_dir() and (child / "labels").is_dir()
+    }
+    if not found and (root / "images").is_dir() and (root / "labels").is_dir():
+        found["train"] = root
+    return found
+
+
+def _pairs_split(directory: Path) -> list[tuple[Path, Path]]:
+    return _match_by_stem(_image_files(directory / "images"), _image_files(directory / "labels"), directory)
+
+
+def _ade20k_split(ade_root: Path, split: str) -> list[tuple[Path, Path]]:
+    images = ade_root / "images" / split
+    return _match_by_stem(_image_files(images), _image_files(ade_root / "annotations" / split), images)
+
+
+def _ade20k_root(root: Path) -> Path | None:
+    for candidate in (root, root / "ADEChallengeData2016"):
+        images, annotations = candidate / "images", candidate / "annotations"
+        if annotations.is_dir() and any((images / split).is_dir() for split in ("training", "validation")):
+            return candidate
+    return None
+
+
+def _cityscapes_split(root: Path, split: str) -> list[tuple[Path, Path]]:
+    pairs, missing = [], []
+    for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
+        stem = image.name[: -len("_leftImg8bit.png")]
+        label = root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        if label.is_file():
+            pairs.append((image, label))
+        else:
+            missing.append(label)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} Cityscapes image(s) of split {split!r} have no *_gtFine_labelTrainIds.png, e.g. "
+            f"{missing[0]}. Generate the train-id maps with cityscapesscripts' createTrainIdLabelImgs."
+        )
+    return pairs
+
+
+def _image_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _match_by_stem(images: list[Path], labels: list[Path], where: Path) -> list[tuple[Path, Path]]:
+    """Pairs each image with the label map of the same stem; an image without one is an error."""
+    by_stem: dict[str, Path] = {}
+    for label in labels:
+        if label.stem in by_stem:
+            raise ValueError(
+                f"{where}: two label maps share the stem {label.stem!r}: {by_stem[label.stem]}, {label}"
+            )
+        by_stem[label.stem] = label
+    image_stems = [image.stem for image in images]
+    duplicates = sorted(stem for stem, count in Counter(image_stems).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"{where}: several images share the stem(s) {duplicates[:5]}")
+    unmatched = [image for image in images if image.stem not in by_stem]
+    if unmatched:
+        raise ValueError(
+            f"{where}: {len(unmatched)} image(s) have no label map of the same stem, e.g. "
+            f"{', '.join(str(p) for p in unmatched[:3])}"
+        )
+    orphans = sorted(set(by_stem) - set(image_stems))
+    if orphans:
+        logger.warning(
+            "%s: %d label map(s) have no image and are ignored, e.g. %s", where, len(orphans), orphans[:3]
+        )
+    return [(image, by_stem[image.stem]) for image in images]
+
+
+def _find_split(splits: Mapping[str, Any], requested: str) -> str | None:
+    """`requested` itself if present, else its one present alias (`validation` -> `val`), else None."""
+    if requested in splits:
+        return requested
+    for group in SPLIT_ALIASES:
+        if requested in group:
+            present = [name for name in group if name in splits]
+            return present[0] if len(present) == 1 else None
+    return None
+
+
+@dataclass(frozen=True)
+class _FileSplit:
+    """One split of an on-disk layout: how to list its (image, label) pairs, and the root that names them."""
+
+    root: Path
+    list_pairs: Callable[[], list[tuple[Path, Path]]]
+
+
+def _materialise(split: datasets.Dataset | _FileSplit, source: str, name: str) -> datasets.Dataset:
+    """The split with `sample_id` and `sample_index` added; it must have rows.
+
+    `sample_index` is the row number in the source split; it stays attached to its sample through
+    any later split, selection, shuffle or shard, so a sample's augmentation does not depend on them.
+    """
+    if isinstance(split, _FileSplit):
+        pairs = split.list_pairs()
+        dataset = datasets.Dataset.from_dict(
+            {
+                "image": [str(image.resolve()) for image, _ in pairs],
+                "label": [str(label.resolve()) for _, label in pairs],
+                "sample_id": [image.relative_to(split.root).as_posix() for image, _ in pairs],
+            },
+            features=datasets.Features(
+                {
+                    "image": datasets.Image(decode=False),
+                    "label": datasets.Image(decode=False),
+                    "sample_id": datasets.Value("string"),
+                }
+            ),
+        )
+    else:
+        dataset = split.add_column("sample_id", [f"{source} {name} row {row}" for row in range(len(split))])
+    if len(dataset) == 0:
+        raise ValueError(f"Split {name!r} of {source} is empty: it has no image/label pairs")
+    return dataset.add_column("sample_index", list(range(len(dataset))))
+
+
+def _hold_out(
+    train: datasets.Dataset, fraction: float, seed: int, source: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if not 0 < fraction < 1:
+        raise ValueError(
+            f"validation_fraction must be in (0, 1) to split a validation set off; got {fraction}"
+        )
+    if len(train) < 2:
+        raise ValueError(
+            f"{source}: cannot split a validation set off a training split of {len(train)} sample"
+        )
+    parts = train.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# Class names -----------------------------------------------------------------------------------------------
+
+
+def resolve_id2label(
+    *,
+    id2label: Mapping[int | str, str] | None = None,
+    id2label_file: str | os.PathLike | None = None,
+    dataset: datasets.Dataset | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> dict[int, str]:
+    """The class names, from the first source that has them.
+
+    In order: the explicit `id2label` mapping; `id2label_file` (JSON, either `{"id2label": {...}}` as
+    in classes.json, a flat `{"0": "sky", ...}` or a list of names); a `ClassLabel` feature of the
+    dataset's label column; `classes.json` or `id2label.json` in `data_dir`.
+
+    Raises:
+        ValueError: no source has names, or the ids are not exactly 0..N-1.
+    """
+    if id2label:
+        return _checked_id2label(id2label, "the id2label setting")
+    if id2label_file is not None:
+        return _read_id2label_file(Path(id2label_file))
+    if dataset is not None and "label" in dataset.features:
+        names = _class_label_names(dataset.features["label"])
+        if names:
+            return {index: name for index, name in enumerate(names)}
+    if data_dir is not None:
+        for name in LABEL_FILES:
+            candidate = Path(data_dir) / name
+            if candidate.is_file():
+                return _read_id2label_file(candidate)
+    raise ValueError(
+        "No class names found: set id2label (a mapping id -> name) or id2label_file (a JSON file), or put "
+        f"{' or '.join(LABEL_FILES)} in the data directory"
+        + (f" ({data_dir})" if data_dir is not None else "")
+        + ". The dataset's label column has no ClassLabel feature."
+    )
+
+
+def _read_id2label_file(path: Path) -> dict[int, str]:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read class names: {error}") from error
+    if isinstance(payload, dict) and "id2label" in payload:
+        payload = payload["id2label"]
+    if isinstance(payload, list):
+        payload = dict(enumerate(payload))
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"{path}: expected {{'id2label': {{...}}}}, a flat {{'0': 'name'}} mapping or a list"
+        )
+    return _checked_id2label(payload, str(path))
+
+
+def _checked_id2label(mapping: Mapping[Any, Any], source: str) -> dict[int, str]:
+    try:
+        id2label = {int(key): str(value) for key, value in mapping.items()}
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: class ids must be integers: {error}") from error
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(
+            f"{source}: class ids must be exactly 0..{len(id2label) - 1}; got {sorted(id2label)}"
+        )
+    return dict(sorted(id2label.items()))
+
+
+def _class_label_names(feature: Any) -> list[str] | None:
+    """Names of a ClassLabel, also inside List/Sequence features (per-pixel label lists)."""
+    while feature is not None:
+        if isinstance(feature, datasets.ClassLabel):
+            return list(feature.names)
+        feature = getattr(feature, "feature", None)
+    return None
+
+
+# Decoding and checking one sample --------------------------------------------------------------------------
+
+
+def decode_sample(
+    image: Any,
+    label: Any,
+    *,
+    sample_index: int,
+    sample_id: str,
+    num_labels: int,
+    ignore_index: int,
+    reduce_labels: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The checked (H, W, 3) uint8 RGB image and (H, W) int64 label map of one sample.
+
+    Accepts what a `datasets` column may hold: `{"bytes", "path"}` (undecoded Image feature), a PIL
+    image, a file path, or an array. Grayscale, RGBA, 16-bit and palette images are converted to RGB;
+    label maps keep their ids (the indices of a palette PNG, not its colours). `reduce_labels` (ADE20K)
+    maps 0 to `ignore_index` and every other id v to v - 1; it is applied here and nowhere else.
+
+    Raises:
+        BadSampleError: unreadable file, image and label of different sizes, a colour-coded label map,
+            or label values that are neither classes nor `ignore_index` (listed). The message names
+            the sample by index and file (or row).
+    """
+    where = f"Sample {sample_index} ({sample_id})"
+    image_array = _image_to_rgb(_decode(image, where, "image"), where)
+    label_where = where + (f", label file {_path_of(label)}" if _path_of(label) else "")
+    label_array = _label_to_ids(_decode(label, label_where, "label map"), label_where)
+    if image_array.shape[:2] != label_array.shape:
+        (height, width), (label_height, label_width) = image_array.shape[:2], label_array.shape
+        raise BadSampleError(
+            f"{label_where}: the image is {width}x{height} (WxH) but its label map is "
+            f"{label_width}x{label_height}"
+        )
+    if reduce_labels:
+        label_array = _reduce_labels(label_array, ignore_index)
+    _check_label_values(label_array, num_labels, ignore_index, reduce_labels, label_where)
+    return image_array, label_array
+
+
+def _path_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("path")
+    if isinstance(value, str | os.PathLike):
+        return str(value)
+    return getattr(value, "filename", None) or None
+
+
+def _decode(value: Any, where: str, what: str) -> Image.Image | np.ndarray:
+    """A fully loaded PIL image (or an array, for array columns); a broken file names the sample."""
+    if isinstance(value, np.ndarray | torch.Tensor | list):
+        return np.asarray(value)
+    try:
+        if isinstance(value, Image.Image):
+            value.load()
+            return value
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data is None and path is None:
+                raise ValueError("neither bytes nor a path")
+            source = io.BytesIO(data) if data is not None else path
+        elif isinstance(value, str | os.PathLike):
+            source = value
+        else:
+            raise TypeError(f"unsupported {what} value of type {type(value).__name__}")
+        with Image.open(source) as opened:
+            opened.load()
+            return opened.copy()
+    except Exception as error:
+        path = _path_of(value)
+        raise BadSampleError(
+            f"{where}: cannot read the {what}{f' {path}' if path else ''} (truncated or not an image?): "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _image_to_rgb(image: Image.Image | np.ndarray, where: str) -> np.ndarray:
+    """(H, W, 3) uint8: gray is repeated, alpha dropped, palettes looked up, 16 bits scaled to 8."""
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I") or image.mode == "F":
+            image = np.asarray(image)
+        else:
+            return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] in (1, 2, 4):
+        # gray(+alpha) -> gray; RGBA -> RGB
+        array = array[..., :1] if array.shape[-1] < 3 else array[..., :3]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise BadSampleError(
+            f"{where}: expected an image of shape (H, W, 3), got an array of shape {array.shape}"
+        )
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # 16-bit images use the whole 0..65535 range; 65535 / 257 = 255 exactly.
+        return np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if np.nanmax(array) <= 1.0 else 1.0
+        return np.clip(np.rint(np.nan_to_num(array) * scale), 0, 255).astype(np.uint8)
+    raise BadSampleError(f"{where}: unsupported image data type {array.dtype}")
+
+
+def _label_to_ids(label: Image.Image | np.ndarray, where: str) -> np.ndarray:
+    """(H, W) int64 class ids. A palette PNG gives its indices; RGB with three equal channels its gray."""
+    if isinstance(label, Image.Image):
+        if label.mode in ("LA", "PA"):
+            label = label.getchannel(0)
+        elif label.mode not in ("1", "L", "P", "RGB", "RGBA", "F") and not label.mode.startswith("I"):
+            raise BadSampleError(
+                f"{where}: unsupported label map mode {label.mode}; save class ids as 8/16-bit gray"
+            )
+        array = np.asarray(label)
+    else:
+        array = np.asarray(label)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        colours = array[..., :3]
+        if not (
+            np.array_equal(colours[..., 0], colours[..., 1])
+            and np.array_equal(colours[..., 0], colours[..., 2])
+        ):
+            distinct = np.unique(colours.reshape(-1, 3), axis=0)
+            examples = ", ".join(str(tuple(int(c) for c in colour)) for colour in distinct[:3])
+            raise BadSampleError(
+                f"{where}: the label map is colour-coded RGB ({len(distinct)} distinct colours, "
+                f"e.g. {examples}); class ids are expected (one channel, or three equal channels). "
+                "Convert colours to ids with the dataset's palette first."
+            )
+        array = colours[..., 0]
+    if array.ndim != 2:
+        raise BadSampleError(f"{where}: expected a (H, W) label map, got an array of shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise BadSampleError(
+                f"{where}: the label map holds non-integer values; class ids must be integers"
+            )
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise BadSampleError(f"{where}: unsupported label data type {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _reduce_labels(label: np.ndarray, ignore_index: int) -> np.ndarray:
+    """0 ("other") -> ignore_index, v -> v - 1; pixels already at ignore_index stay ignored (as mmseg)."""
+    reduced = label - 1
+    reduced[(label == 0) | (label == ignore_index)] = ignore_index
+    return reduced
+
+
+def _check_label_values(
+    label: np.ndarray, num_labels: int, ignore_index: int, reduce_labels: bool, where: str
+) -> None:
+    values = np.unique(label)
+    bad = [int(v) for v in values if v != ignore_index and not 0 <= v < num_labels]
+    if not bad:
+        return
+    shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    hints = []
+    if not reduce_labels and bad[-1] == num_labels:
+        hints.append(
+            "ids look 1-based: if 0 means 'other' and the classes are 1..N (as in ADE20K), "
+            "set reduce_labels: true"
+        )
+    if reduce_labels:
+        hints.append("reduce_labels is on (0 -> ignored, v -> v-1): is that right for this dataset?")
+    if len(bad) == 1:
+        hints.append(f"if {bad[0]} marks pixels to ignore, set ignore_index: {bad[0]}")
+    raise BadSampleError(
+        f"{where}: label values {shown} are outside the {num_labels} classes [0, {num_labels}) and are not "
+        f"ignore_index ({ignore_index})" + (f". Hint: {'; '.join(hints)}" if hints else "")
+    )
+
+
+# Geometry -----------------------------------------------------------------------------------------------
+
+
+def rescaled_size(height: int, width: int, scale: Sequence[int]) -> Size:
+    """(h, w) that fits `scale` = (long, short) edge limits, keeping the aspect ratio (mmcv's imrescale).
+
+    The factor is min(long / longer side, short / shorter side), and sides round half up.
+    """
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear without antialiasing (as OpenCV's INTER_LINEAR)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    # (H, W, 3) -> (1, 3, H, W)
+    pixels = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))[None]
+    resized = F.interpolate(pixels, size=tuple(size), mode="bilinear", align_corners=False)
+    # (1, 3, h, w) -> (h, w, 3)
+    return np.clip(np.rint(resized[0].numpy().transpose(1, 2, 0)), 0, 255).astype(np.uint8)
+
+
+def resize_label(label: np.ndarray, size: Size) -> np.ndarray:
+    """Nearest neighbour as OpenCV's INTER_NEAREST: target pixel i takes source pixel floor(i * H / h)."""
+    height, width = label.shape
+    rows = np.arange(size[0]) * height // size[0]
+    columns = np.arange(size[1]) * width // size[1]
+    return label[rows[:, None], columns[None, :]]
+
+
+def random_crop_box(
+    label: np.ndarray,
+    crop_size: Size,
+    cat_max_ratio: float,
+    ignore_index: int,
+    rng: np.random.Generator,
+) -> tuple[int, int]:
+    """(top, left) of a crop_size window, drawn as mmseg's RandomCrop draws it.
+
+    With `cat_max_ratio` < 1 a window is accepted only if it holds more than one class and no class
+    covers `cat_max_ratio` or more of its non-ignored pixels. Up to 10 windows are checked; after 10
+    rejections one more is drawn and used unchecked. The window is smaller than crop_size where the
+    image is (the padding comes later).
+    """
+    crop_height, crop_width = crop_size
+    height, width = label.shape
+
+    def draw() -> tuple[int, int]:
+        top = int(rng.integers(0, max(height - crop_height, 0) + 1))
+        left = int(rng.integers(0, max(width - crop_width, 0) + 1))
+        return top, left
+
+    top, left = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(CROP_RETRIES):
+            window = label[top : top + crop_height, left : left + crop_width]
+            values, counts = np.unique(window, return_counts=True)
+            counts = counts[values != ignore_index]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            top, left = draw()
+    return top, left
+
+
+# Photometric distortion ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhotometricParams:
+    """One draw of mmseg's PhotoMetricDistortion; None means that step is not applied."""
+
+    brightness_delta: float | None
+    contrast_first: bool
+    contrast_alpha: float | None
+    saturation_alpha: float | None
+    hue_delta: int | None
+
+
+def draw_photometric_params(rng: np.random.Generator) -> PhotometricParams:
+    """Each of the four distortions applies with probability 0.5, contrast before or after the HSV part."""
+    brightness = float(rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA)) if rng.integers(2) else None
+    contrast_first = bool(rng.integers(2))
+    contrast = float(rng.uniform(*CONTRAST_RANGE)) if rng.integers(2) else None
+    saturation = float(rng.uniform(*SATURATION_RANGE)) if rng.integers(2) else None
+    # mmseg draws np.random.randint(-18, 18): the upper bound is exclusive, so -18..17.
+    hue = int(rng.integers(-HUE_DELTA, HUE_DELTA)) if rng.integers(2) else None
+    return PhotometricParams(brightness, contrast_first, contrast, saturation, hue)
+
+
+def apply_photometric_distortion(image: np.ndarray, params: PhotometricParams) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> distorted uint8, in mmseg's order and with its 8-bit rounding between steps.
+
+    Brightness adds a delta, contrast scales, saturation scales S and hue shifts H (OpenCV units of 2
+    degrees) in HSV. HSV is computed in floating point rather than OpenCV's 8-bit HSV, which only
+    removes a rounding of H and S that the original has.
+    """
+    pixels = image.astype(np.float32)
+    if params.brightness_delta is not None:
+        pixels = _clip_to_uint8_range(pixels + params.brightness_delta)
+    if params.contrast_first and params.contrast_alpha is not None:
+        pixels = _clip_to_uint8_range(pixels * params.contrast_alpha)
+    if params.saturation_alpha is not None:
+        hsv = rgb_to_hsv(pixels)
+        hsv[..., 1] = np.clip(hsv[..., 1] * params.saturation_alpha, 0.0, 1.0)
+        pixels = np.rint(hsv_to_rgb(hsv))
+    if params.hue_delta is not None:
+        hsv = rgb_to_hsv(pixels)
+        hsv[..., 0] = np.mod(hsv[..., 0] + 2.0 * params.hue_delta, 360.0)
+        pixels = np.rint(hsv_to_rgb(hsv))
+    if not params.contrast_first and params.contrast_alpha is not None:
+        pixels = _clip_to_uint8_range(pixels * params.contrast_alpha)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _clip_to_uint8_range(pixels: np.ndarray) -> np.ndarray:
+    # mmseg clips to 0..255 and casts to uint8, which truncates.
+    return np.floor(np.clip(pixels, 0.0, 255.0))
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB in 0..255 -> HSV with H in degrees [0, 360), S in [0, 1], V in 0..255."""
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = rgb.max(axis=-1)
+    chroma = value - rgb.min(axis=-1)
+    safe_chroma = np.where(chroma > 0, chroma, 1.0)
+    saturation = np.where(value > 0, chroma / np.where(value > 0, value, 1.0), 0.0)
+    hue = np.where(
+        value == red,
+        np.mod((green - blue) / safe_chroma, 6.0),
+        np.where(value == green, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0),
+    )
+    hue = np.where(chroma > 0, hue * 60.0, 0.0)
+    return np.stack([hue, saturation, value], axis=-1).astype(np.float32)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """Inverse of `rgb_to_hsv`: channel n is V - V*S*clip(min(k, 4 - k), 0, 1), k = (n + H/60) mod 6."""
+    hue, saturation, value = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+    k = np.mod(np.array([5.0, 3.0, 1.0], dtype=np.float32) + hue / 60.0, 6.0)
+    return value - value * saturation * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+# Transforms --------------------------------------------------------------------------------------------
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 with the ImageNet mean and std every SegFormer uses.
+
+    Plain numpy: tiny torch operations pay a thread-pool cost that dominates at these sizes.
+    """
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean = np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32) * 255.0
+    std = np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32) * 255.0
+    # (H, W, 3) -> (3, H, W)
+    return ((image.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+
+
+def _rows(batch: dict[str, list]) -> Iterable[tuple[Any, Any, str, int]]:
+    missing = [column for column in ("image", "label", "sample_id", "sample_index") if column not in batch]
+    if missing:
+        raise KeyError(
+            f"The dataset lacks the column(s) {missing}; load it with load_segmentation_dataset, which adds "
+            "sample_id and sample_index."
+        )
+    return zip(batch["image"], batch["label"], batch["sample_id"], batch["sample_index"])
+
+
+def _checked_pair(value: Sequence[int], name: str) -> Size:
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"{name} must be two positive integers, got {value}")
+    return pair
+
+
+class SegmentationTrainTransform:
+    """The paper's (mmseg's) training augmentation, as a `datasets` batch transform for `with_transform`.
+
+    resize (keep ratio, img_scale x a ratio drawn from ratio_range) -> random crop (cat_max_ratio)
+    -> horizontal flip -> photometric distortion -> ImageNet normalisation -> pad to crop_size (image
+    with 0, the mean colour after normalisation; label with ignore_index). Labels are resized with
+    nearest neighbour. The random draws of a sample come only from `(seed, epoch, sample_index)`; call
+    `set_epoch` before each epoch's DataLoader iterator is created (workers copy the transform then).
+
+    A bad sample raises `BadSampleError`, or with `skip_bad_samples` becomes a placeholder of crop
+    size (zero image, all-ignored label) flagged `skipped`, so batch sizes stay equal on all processes.
+    """
+
+    def __init__(
+        self,
+        *,
+        crop_size: Sequence[int],
+        img_scale: Sequence[int],
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric_distortion: bool = True,
+        ignore_index: int = 255,
+        reduce_labels: bool = False,
+        num_labels: int,
+        seed: int = 0,
+        skip_bad_samples: bool = False,
+    ) -> None:
+        self.crop_size = _checked_pair(crop_size, "crop_size")
+        self.img_scale = _checked_pair(img_scale, "img_scale")
+        low, high = (float(r) for r in ratio_range)
+        if not 0 < low <= high:
+            raise ValueError(f"ratio_range must be [low, high] with 0 < low <= high, got {ratio_range}")
+        if not 0 < cat_max_ratio <= 1:
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
+        if not 0 <= flip_prob <= 1:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
+        self.ratio_range = (low, high)
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.flip_prob = float(flip_prob)
+        self.photometric_distortion = bool(photometric_distortion)
+        self.ignore_index = int(ignore_index)
+        self.reduce_labels = bool(reduce_labels)
+        self.num_labels = int(num_labels)
+        self.seed = int(seed)
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, sample_index: int) -> np.random.Generator:
+        """The one generator all of a sample's random draws in this epoch come from."""
+        return np.random.default_rng([self.seed, self.epoch, int(sample_index)])
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        output: dict[str, list] = {"pixel_values": [], "labels": [], "skipped": [], "sample_id": []}
+        for image, label, sample_id, sample_index in _rows(batch):
+            try:
+                image_array, label_array = decode_sample(
+                    image,
+                    label,
+                    sample_index=sample_index,
+                    sample_id=sample_id,
+                    num_labels=self.num_labels,
+                    ignore_index=self.ignore_index,
+                    reduce_labels=self.reduce_labels,
+                )
+                pixel_values, labels = self.augment(image_array, label_array, self.rng(sample_index))
+                skipped = False
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                logger.warning(
+                    "Skipping a bad training sample (an all-ignored placeholder takes its place): %s", error
+                )
+                pixel_values, labels = self.placeholder()
+                skipped = True
+            output["pixel_values"].append(pixel_values)
+            output["labels"].append(labels)
+            output["skipped"].append(skipped)
+            output["sample_id"].append(sample_id)
+        return output
+
+    def augment(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W, 3) uint8 + (H, W) ids -> (3, *crop_size) float32 + (*crop_size) int64."""
+        ratio = rng.uniform(*self.ratio_range)
+        scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
+        size = rescaled_size(*label.shape, scale)
+        image, label = resize_image(image, size), resize_label(label, size)
+
+        top, left = random_crop_box(label, self.crop_size, self.cat_max_ratio, self.ignore_index, rng)
+        crop_height, crop_width = self.crop_size
+        image = image[top : top + crop_height, left : left + crop_width]
+        label = label[top : top + crop_height, left : left + crop_width]
+
+        if rng.random() < self.flip_prob:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if self.photometric_distortion:
+            image = apply_photometric_distortion(image, draw_photometric_params(rng))
+
+        pixel_values = np.zeros((3, *self.crop_size), dtype=np.float32)
+        labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
+        height, width = label.shape
+        pixel_values[:, :height, :width] = normalize(image)
+        labels[:height, :width] = label
+        return torch.from_numpy(pixel_values), torch.from_numpy(labels)
+
+    def placeholder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What replaces a bad sample: a zero image (the mean colour), an all-ignored label, of crop size."""
+        return (
+            torch.zeros(3, *self.crop_size, dtype=torch.float32),
+            torch.full(self.crop_size, self.ignore_index, dtype=torch.int64),
+        )
+
+
+class SegmentationEvalTransform:
+    """Evaluation preprocessing as the paper tests: resize keeping the ratio to img_scale, normalise.
+
+    Labels stay at the original resolution (after reduce_labels), so the metric is computed there.
+    A bad sample raises `BadSampleError`, or with `skip_bad_samples` yields None for both fields and
+    `eval_collate_fn` drops it from the batch and counts it.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_scale: Sequence[int] | None,
+        ignore_index: int = 255,
+        reduce_labels: bool = False,
+        num_labels: int,
+        skip_bad_samples: bool = False,
+    ) -> None:
+        # None: the network sees each image at its own size (what sliding-window inference wants).
+        self.img_scale = None if img_scale is None else _checked_pair(img_scale, "img_scale")
+        self.ignore_index = int(ignore_index)
+        self.reduce_labels = bool(reduce_labels)
+        self.num_labels = int(num_labels)
+        self.skip_bad_samples = bool(skip_bad_samples)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        output: dict[str, list] = {"pixel_values": [], "labels": [], "sample_id": []}
+        for image, label, sample_id, sample_index in _rows(batch):
+            try:
+                image_array, label_array = decode_sample(
+                    image,
+                    label,
+                    sample_index=sample_index,
+                    sample_id=sample_id,
+                    num_labels=self.num_labels,
+                    ignore_index=self.ignore_index,
+                    reduce_labels=self.reduce_labels,
+                )
+                if self.img_scale is not None:
+                    image_array = resize_image(image_array, rescaled_size(*label_array.shape, self.img_scale))
+                pixel_values = torch.from_numpy(np.ascontiguousarray(normalize(image_array)))
+                labels = torch.from_numpy(label_array)
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                logger.warning("Skipping a bad evaluation sample (left out of the metric): %s", error)
+                pixel_values, labels = None, None
+            output["pixel_values"].append(pixel_values)
+            output["labels"].append(labels)
+            output["sample_id"].append(sample_id)
+        return output
+
+
+# Collation ---------------------------------------------------------------------------------------------
+
+
+def train_collate_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"pixel_values": (B, 3, h, w), "labels": (B, h, w) int64, "num_skipped": placeholders in the batch}."""
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
+        "labels": torch.stack([sample["labels"] for sample in samples]),
+        "num_skipped": sum(bool(sample.get("skipped", False)) for sample in samples),
+    }
+
+
+def eval_collate_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batches evaluation samples of possibly different sizes, dropping the skipped ones.
+
+    pixel_values is a (B, 3, h, w) tensor when all resized images agree in size, else a list of
+    (3, h, w); labels likewise at the original resolution. A batch whose samples were all skipped
+    has empty lists.
+    """
+    kept = [sample for sample in samples if sample["pixel_values"] is not None]
+    return {
+        "pixel_values": _stack_if_same_shape([sample["pixel_values"] for sample in kept]),
+        "labels": _stack_if_same_shape([sample["labels"] for sample in kept]),
+        "num_skipped": len(samples) - len(kept),
+    }
+
+
+def _stack_if_same_shape(tensors: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    if tensors and all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    return tensors
