@@ -1,0 +1,122 @@
+"""scripts/evaluate.py: a saved model on a dataset split, checked against predictions made by hand."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEMO_DATA, REPO_ROOT
+from PIL import Image
+from reference_mean_iou import reference_mean_iou
+
+from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
+
+pytestmark = pytest.mark.skipif(not DEMO_DATA.is_dir(), reason="bundled demo data missing")
+
+NUM_SAMPLES = 5
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A randomly initialised B0 with the demo's 11 classes; random BatchNorm statistics make it less uniform."""
+    torch.manual_seed(0)
+    id2label = json.loads((DEMO_DATA / "classes.json").read_text())["id2label"]
+    config = SegformerHFConfig.from_variant(
+        "b0", num_labels=11, id2label=id2label, semantic_loss_ignore_index=11
+    )
+    model = SegformerHFForSemanticSegmentation(config).eval()
+    model.decode_head.batch_norm.running_mean.normal_(0, 0.5)
+    model.decode_head.batch_norm.running_var.uniform_(0.5, 2.0)
+    directory = tmp_path_factory.mktemp("model")
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def _evaluate(model_dir, output, *extra, launcher=(sys.executable,)):
+    command = [
+        *launcher,
+        "scripts/evaluate.py",
+        "--model", str(model_dir),
+        "--data_dir", str(DEMO_DATA),
+        "--split", "val",
+        "--max_samples", str(NUM_SAMPLES),
+        "--num_workers", "0",
+        "--output", str(output),
+        *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text()), result
+
+
+def _by_hand(model, scale=None):
+    """Predictions made without the package's data or inference code: PIL resize, normalise, upsample, argmax."""
+    predictions, labels = [], []
+    for image_path in sorted((DEMO_DATA / "val" / "images").iterdir())[:NUM_SAMPLES]:
+        image = Image.open(image_path).convert("RGB")
+        label = np.asarray(Image.open(DEMO_DATA / "val" / "labels" / f"{image_path.stem}.png"))
+        if scale is not None:
+            long_side, short_side = scale
+            factor = min(long_side / max(image.size), short_side / min(image.size))
+            image = image.resize(
+                (int(image.width * factor + 0.5), int(image.height * factor + 0.5)), Image.BILINEAR
+            )
+        pixels = (np.asarray(image, dtype=np.float64) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        pixel_values = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            logits = model(pixel_values).logits
+        upsampled = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
+        predictions.append(upsampled.argmax(1)[0].numpy())
+        labels.append(label)
+    return predictions, labels
+
+
+def test_whole_image_evaluation_equals_mean_iou_of_predictions_made_by_hand(saved_model, tmp_path):
+    model_dir, model = saved_model
+    results, run = _evaluate(model_dir, tmp_path / "whole.json")
+    expected = reference_mean_iou(*_by_hand(model), num_labels=11, ignore_index=11)
+    assert results["num_samples"] == NUM_SAMPLES and results["world_size"] == 1
+    assert results["mean_iou"] == pytest.approx(expected["mean_iou"], abs=1e-9)
+    assert results["overall_accuracy"] == pytest.approx(expected["overall_accuracy"], abs=1e-9)
+    np.testing.assert_allclose(
+        np.array(results["per_category_iou"], dtype=float), expected["per_category_iou"], atol=1e-9
+    )
+    assert "mean IoU" in run.stdout and "Road" in run.stdout
+
+
+def test_sliding_window_with_one_window_over_the_image_equals_whole_image(saved_model, tmp_path):
+    model_dir, _ = saved_model
+    whole, _ = _evaluate(model_dir, tmp_path / "whole.json")
+    # The demo images are 180x240: a window of exactly that size is one window per image (default stride).
+    slide, _ = _evaluate(model_dir, tmp_path / "slide.json", "--mode", "slide", "--crop_size", "180", "240")
+    assert slide["mean_iou"] == pytest.approx(whole["mean_iou"], abs=1e-9)
+    assert slide["per_category_iou"] == pytest.approx(whole["per_category_iou"], nan_ok=True, abs=1e-9)
+
+
+def test_two_process_evaluation_equals_one_process(saved_model, tmp_path):
+    model_dir, _ = saved_model
+    single, _ = _evaluate(model_dir, tmp_path / "one.json", "--img_scale", "160", "120")
+    launcher = (
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    )  # fmt: skip
+    double, _ = _evaluate(model_dir, tmp_path / "two.json", "--img_scale", "160", "120", launcher=launcher)
+    assert double["world_size"] == 2 and double["num_samples"] == NUM_SAMPLES
+    assert double["mean_iou"] == pytest.approx(single["mean_iou"], abs=1e-9)
+    assert double["per_category_iou"] == pytest.approx(single["per_category_iou"], nan_ok=True, abs=1e-9)
+
+
+def test_a_missing_split_is_a_clear_error(saved_model, tmp_path):
+    model_dir, _ = saved_model
+    result = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--model", str(model_dir), "--data_dir", str(DEMO_DATA),
+         "--split", "test"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no split 'test'" in result.stderr and "val" in result.stderr

@@ -1,0 +1,362 @@
+"""Training: config handling, the paper's optimisation recipe, and the real `accelerate launch` command."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEMO_DATA, REPO_ROOT
+
+from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
+from segformer_hf.training import (
+    TrainingConfig,
+    build_optimizer,
+    learning_rate_factor,
+    list_checkpoints,
+    load_config,
+    parse_args,
+)
+
+# A tiny but real run on the bundled data: few samples, small crops, few steps.
+SMALL_RUN = [
+    "--max_train_samples", "8",
+    "--max_eval_samples", "4",
+    "--crop_size", "[64,64]",
+    "--img_scale", "[120,90]",
+    "--per_device_train_batch_size", "2",
+    "--per_device_eval_batch_size", "2",
+    "--num_workers", "0",
+    "--warmup_steps", "2",
+    "--logging_steps", "1",
+    "--report_to", "none",
+]  # fmt: skip
+
+
+def _launch(
+    args: list[str], num_processes: int = 1, timeout: int = 300, **popen
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
+    else:
+        command += ["--num_processes", "1", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train.py", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def _losses(output_dir: Path) -> dict[int, float]:
+    """Per-step losses from the run log; a resumed run re-logs steps after its checkpoint, the last one wins."""
+    losses = {}
+    for line in (output_dir / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+# Config ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_config_keys_are_errors_not_ignored(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_variant: b0\ndata_dir: x\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        load_config(recipe)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(recipe), "--not_a_key", "1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"max_train_steps": 0}, "max_train_steps"),
+        ({"crop_size": [0, 64]}, "crop_size"),
+        ({"ratio_range": [2.0, 0.5]}, "ratio_range"),
+        ({"eval_mode": "slide", "eval_stride": [600, 600], "crop_size": [512, 512]}, "eval_stride"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"warmup_steps": 10, "max_train_steps": 10}, "warmup_steps"),
+        ({"learning_rate": "fast"}, "learning_rate"),
+    ],
+)
+def test_impossible_values_are_rejected_before_any_work(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, {"data_dir": "somewhere", **override})
+
+
+def test_command_line_overrides_every_key_with_yaml_values():
+    config = parse_args(
+        [
+            "--max_train_steps",
+            "20",
+            "--warmup_steps",
+            "5",
+            "--crop_size",
+            "[256,128]",
+            "--init_from",
+            "null",
+            "--report_to",
+            "none",
+        ]  # fmt: skip
+    )
+    assert config.max_train_steps == 20 and config.warmup_steps == 5
+    assert config.crop_size == [256, 128]
+    assert config.init_from is None
+    # Without --config the demo recipe is used.
+    assert config.data_dir == "data/camvid-demo"
+
+
+# Optimisation recipe ---------------------------------------------------------------------------------
+
+
+def test_schedule_is_linear_warmup_then_polynomial_decay():
+    config = TrainingConfig(
+        data_dir="x", warmup_steps=10, max_train_steps=100, warmup_ratio=1e-6, poly_power=1.0
+    )
+    # Written from the definition: poly decay (1 - t/T)^p, times a linear ramp from warmup_ratio during warm-up.
+    for step in (0, 5, 10, 50, 99, 100):
+        decay = (1 - step / 100) ** 1.0
+        ramp = 1e-6 + (1 - 1e-6) * step / 10 if step < 10 else 1.0
+        assert learning_rate_factor(step, config) == pytest.approx(decay * ramp)
+    assert learning_rate_factor(0, config) == pytest.approx(1e-6)
+
+
+def test_optimizer_groups_head_at_ten_times_lr_and_no_decay_on_norms_and_biases():
+    model = SegformerHFForSemanticSegmentation(SegformerHFConfig.from_variant("b0", num_labels=3))
+    config = TrainingConfig(data_dir="x", learning_rate=6e-5, weight_decay=0.01)
+    optimizer = build_optimizer(model, config)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        group = group_of[id(parameter)]
+        is_head = name.startswith("decode_head.")
+        assert group["lr"] == pytest.approx(6e-4 if is_head else 6e-5), name
+        is_norm_or_bias = name.endswith(".bias") or "norm" in name
+        assert group["weight_decay"] == (0.0 if is_norm_or_bias else 0.01), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+# The real command -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One short real run through `accelerate launch scripts/train.py`, shared by the output checks."""
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    result = _launch(
+        [*SMALL_RUN, "--max_train_steps", "4", "--eval_steps", "2", "--output_dir", str(output_dir)]
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir, result
+
+
+def test_short_run_writes_every_output_file(short_run):
+    output_dir, result = short_run
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "modeling_segformer_hf.py",
+        "configuration_segformer_hf.py",
+        "all_results.json",
+        "train_config.yaml",
+        "README.md",
+    ):
+        assert (output_dir / name).is_file(), name
+    results = json.loads((output_dir / "all_results.json").read_text())
+    for key in (
+        "eval_mean_iou",
+        "eval_mean_accuracy",
+        "eval_overall_accuracy",
+        "eval_per_category_iou",
+        "train_loss",
+    ):
+        assert key in results
+    assert results["train_steps"] == 4 and results["world_size"] == 1
+    assert len(results["eval_per_category_iou"]) == 11
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["id2label"]["3"] == "Road" and "auto_map" in config
+    assert "world size 1" in result.stderr
+    assert "mean IoU" in result.stdout
+
+
+def test_short_run_loads_back_automodel_style_in_a_fresh_process(short_run):
+    output_dir, _ = short_run
+    code = (
+        "import sys, torch;"
+        "from transformers import AutoModelForSemanticSegmentation;"
+        f"m = AutoModelForSemanticSegmentation.from_pretrained({str(output_dir)!r}, trust_remote_code=True).eval();"
+        "out = m(torch.zeros(1, 3, 64, 64));"
+        "assert out.logits.shape == (1, 11, 16, 16), out.logits.shape;"
+        "assert 'segformer_hf' not in sys.modules;"
+        "print('ok')"
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=output_dir, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not DEMO_DATA.is_dir(), reason="bundled demo data missing")
+def test_a_handful_of_images_is_overfitted(tmp_path):
+    """No augmentation, 4 images, 60 steps: the loss must fall far and mean IoU must rise."""
+    output_dir = tmp_path / "overfit"
+    result = _launch(
+        [
+            *SMALL_RUN,
+            "--max_train_samples",
+            "4",
+            "--max_eval_samples",
+            "4",
+            "--validation_split",
+            "train",
+            "--ratio_range",
+            "[1.0,1.0]",
+            "--img_scale",
+            "[96,72]",
+            "--crop_size",
+            "[72,96]",
+            "--flip_prob",
+            "0.0",
+            "--photometric_distortion",
+            "false",
+            "--drop_path_rate",
+            "0.0",
+            "--classifier_dropout_prob",
+            "0.0",
+            "--learning_rate",
+            "2e-3",
+            "--warmup_steps",
+            "5",
+            "--max_train_steps",
+            "60",
+            "--eval_steps",
+            "5",
+            "--output_dir",
+            str(output_dir),
+        ]  # fmt: skip
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = _losses(output_dir)
+    first = sum(losses[s] for s in range(1, 4)) / 3
+    last = sum(losses[s] for s in range(58, 61)) / 3
+    assert last < 0.35 * first, (first, last)
+    evaluations = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    ious = [record["eval_mean_iou"] for record in evaluations if "eval_mean_iou" in record]
+    assert ious[-1] > ious[0] + 0.15, ious
+
+
+def test_resume_after_stop_reproduces_the_uninterrupted_losses(tmp_path):
+    common = [*SMALL_RUN, "--max_train_steps", "8", "--eval_steps", "100", "--checkpointing_steps", "4"]
+    full = tmp_path / "full"
+    assert _launch([*common, "--output_dir", str(full)]).returncode == 0
+    # The same run stopped for real by SIGTERM (the schedule depends on max_train_steps, so a shorter run
+    # would not do): it saves a checkpoint at the next step boundary and exits cleanly. It runs without the
+    # launcher (which does not forward signals), so it is given the launcher's one OpenMP thread: another
+    # thread count sums in another order and changes the losses in the 4th digit.
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/train.py",
+            *common,
+            "--output_dir",
+            str(stopped),
+        ],  # fmt: skip
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    _wait_for_step(stopped, 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Interrupted by SIGTERM" in stderr
+    assert list_checkpoints(stopped), "the interrupted run must leave a checkpoint"
+    resumed = _launch([*common, "--output_dir", str(stopped), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _losses(full), _losses(stopped)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (
+            step,
+            got[step],
+            expected[step],
+        )
+
+
+def test_kill_9_leaves_the_last_checkpoint_intact_and_resume_latest_continues(tmp_path):
+    output_dir = tmp_path / "killed"
+    args = [*SMALL_RUN, "--max_train_steps", "40", "--eval_steps", "100", "--checkpointing_steps", "2"]
+    process = subprocess.Popen(
+        [sys.executable, "scripts/train.py", *args, "--output_dir", str(output_dir)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_step(output_dir, 5, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    checkpoints = list_checkpoints(output_dir)
+    assert checkpoints, "a complete checkpoint must survive kill -9"
+    last = checkpoints[-1]
+    state = json.loads((last / "training_state.json").read_text())
+    assert state["run_state"]["global_step"] >= 2
+    resumed = _launch([*args, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {last}" in resumed.stderr
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["train_steps"] == 40
+
+
+def _wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    log = output_dir / "train_log.jsonl"
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early with {process.returncode}")
+        if log.exists() and any(
+            json.loads(line).get("step", 0) >= step for line in log.read_text().splitlines()
+        ):
+            return
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_process_cpu_run_is_really_distributed_and_matches_one_process_metrics(tmp_path):
+    output_dir = tmp_path / "ddp"
+    result = _launch(
+        [
+            *SMALL_RUN,
+            "--max_train_steps",
+            "3",
+            "--eval_steps",
+            "100",
+            "--max_eval_samples",
+            "5",
+            "--output_dir",
+            str(output_dir),
+        ],
+        num_processes=2,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "world size 2" in result.stderr
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["world_size"] == 2
+    # Evaluate the same saved model in one process, with the same evaluation code path.
+    from segformer_hf.training import evaluate_saved_model
+
+    single = evaluate_saved_model(output_dir, overrides=[*SMALL_RUN, "--max_eval_samples", "5"])
+    assert single["mean_iou"] == pytest.approx(results["eval_mean_iou"], abs=1e-6)
+    assert single["overall_accuracy"] == pytest.approx(results["eval_overall_accuracy"], abs=1e-6)
+    for ours, reference in zip(single["per_category_iou"], results["eval_per_category_iou"]):
+        assert (ours is None or math.isnan(ours)) == (reference is None or math.isnan(reference))
