@@ -8,8 +8,13 @@ The logic lives in `segformer_hf.training` (tests reach it there); this file onl
 """
 
 import sys
+from pathlib import Path
 
-from segformer_hf.training import main
+# Python puts this folder first on sys.path, and its evaluate.py would hide the `evaluate` library
+# (used by metric_backend: evaluate) from everything imported below.
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+from segformer_hf.training import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -403,7 +404,9 @@ def create_accelerator(config: TrainingConfig):
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
@@ -499,6 +502,11 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     # Data (the main process first, so that only it fills the datasets cache)
     with accelerator.main_process_first():
         train_dataset, eval_dataset, id2label = load_datasets(config)
+    if config.metric_backend == "evaluate":
+        from .metrics import create_metric
+
+        # Fail now, not after hours of training, if evaluate's script cannot be loaded.
+        create_metric("evaluate", num_labels=len(id2label), ignore_index=config.ignore_index)
     train_loader, eval_loader, train_transform = build_dataloaders(
         config, accelerator, train_dataset, eval_dataset, len(id2label)
     )
@@ -599,21 +607,24 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                         # cross-entropy is 0/0 there. A zero loss that still touches every parameter keeps
                         # the processes of a distributed run in step.
                         loss = outputs.logits.sum() * 0.0
-                    if not losses_are_finite(accelerator, loss):
-                        if config.nan_policy == "stop":
-                            raise FloatingPointError(
-                                f"Non-finite loss ({loss.item()}) at step {state.global_step + 1}; stopping. The last "
-                                f"good checkpoint is kept in {output_dir / 'checkpoints'}. Lower the learning rate, "
-                                "use bf16 instead of fp16, or set nan_policy: skip."
-                            )
-                        logger.warning("Non-finite loss at step %d: step skipped", state.global_step + 1)
+                    finite = losses_are_finite(accelerator, loss)
+                    if finite:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and config.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        optimizer.step()
+                    elif config.nan_policy == "stop":
+                        kept = list_checkpoints(output_dir)
+                        raise FloatingPointError(
+                            f"Non-finite loss ({loss.item()}) at step {state.global_step + 1}; stopping. "
+                            + (f"The last good checkpoint is {kept[-1]}. " if kept else "No checkpoint yet. ")
+                            + "Lower the learning rate, use bf16 instead of fp16, or set nan_policy: skip."
+                        )
+                    else:
+                        # The update is skipped, but the step still counts: the schedule and the run's end
+                        # stay where they were planned (every process decided alike, see losses_are_finite).
+                        logger.warning("Non-finite loss at step %d: update skipped", state.global_step + 1)
                         state.skipped_nonfinite_steps += 1
-                        optimizer.zero_grad()
-                        continue
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
@@ -621,8 +632,9 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                     continue
                 state.global_step += 1
                 step_loss = accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").item()
-                state.loss_sum += step_loss
-                state.loss_count += 1
+                if finite:
+                    state.loss_sum += step_loss
+                    state.loss_count += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if accelerator.is_main_process:
@@ -748,8 +760,21 @@ def print_summary(results: dict[str, Any], id2label: dict[int, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`scripts/train.py`: an interrupted run has saved its checkpoint, so it also exits with 0."""
-    train(parse_args(argv))
+    """`scripts/train.py`. Exit 0 when done or interrupted (its checkpoint is saved); 2 for a bad config;
+    1 for a run stopped by bad data, a non-finite loss or an output directory in use, with the reason
+    (not a traceback) as the last line."""
+    from .data import BadSampleError
+
+    try:
+        config = parse_args(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        train(config)
+    except (BadSampleError, FloatingPointError, FileExistsError) as error:
+        logger.error("%s", error)
+        return 1
     return 0
 
 

@@ -114,6 +114,18 @@ def test_command_line_overrides_every_key_with_yaml_values():
 # Optimisation recipe ---------------------------------------------------------------------------------
 
 
+def test_evaluate_backend_offline_fails_before_training_and_names_the_streaming_backend(tmp_path):
+    """Run as the user runs it: scripts/ holds an evaluate.py that must not hide the evaluate library."""
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", *SMALL_RUN, "--max_train_steps", "3", "--metric_backend", "evaluate",
+         "--output_dir", str(tmp_path / "run")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "metric_backend: streaming" in result.stderr and "not the evaluate library" not in result.stderr
+    assert not (tmp_path / "run" / "train_log.jsonl").exists(), "no training step may run first"
+
+
 def test_schedule_is_linear_warmup_then_polynomial_decay():
     config = TrainingConfig(
         data_dir="x", warmup_steps=10, max_train_steps=100, warmup_ratio=1e-6, poly_power=1.0
@@ -314,6 +326,46 @@ def test_kill_9_leaves_the_last_checkpoint_intact_and_resume_latest_continues(tm
     assert f"Resumed from {last}" in resumed.stderr
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["train_steps"] == 40
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # An absurd learning rate makes the first update blow the weights up: step 2's loss is NaN.
+    args = [*SMALL_RUN, "--max_train_steps", "6", "--warmup_steps", "0", "--checkpointing_steps", "1",
+            "--eval_steps", "100", "--max_grad_norm", "null", "--learning_rate", "1e25"]  # fmt: skip
+    stopped = subprocess.run(
+        [sys.executable, "scripts/train.py", *args, "--output_dir", str(tmp_path / "stop")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert stopped.returncode == 1
+    assert "Non-finite loss (nan) at step 2" in stopped.stderr and "Traceback" not in stopped.stderr
+    checkpoints = list_checkpoints(tmp_path / "stop")
+    assert [c.name for c in checkpoints] == ["step_00000001"]
+    assert f"The last good checkpoint is {checkpoints[-1]}" in stopped.stderr
+
+    skipped = subprocess.run(
+        [sys.executable, "scripts/train.py", *args, "--nan_policy", "skip", "--output_dir", str(tmp_path / "skip")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    results = json.loads((tmp_path / "skip" / "all_results.json").read_text())
+    assert results["train_skipped_nonfinite_steps"] >= 1 and results["train_steps"] == 6
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    output_dir = tmp_path / "interrupted"
+    args = [*SMALL_RUN, "--max_train_steps", "40", "--eval_steps", "100", "--checkpointing_steps", "100"]
+    process = subprocess.Popen(
+        [sys.executable, "scripts/train.py", *args, "--output_dir", str(output_dir)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for_step(output_dir, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Interrupted by SIGINT" in stderr
+    [checkpoint] = list_checkpoints(output_dir)
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert 2 <= state["run_state"]["global_step"] < 40
 
 
 def _wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
