@@ -6,6 +6,7 @@ implementation, never read back from our model's output.
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -556,6 +557,34 @@ def test_remote_code_loads_in_a_fresh_process_without_segformer_hf(saved_model, 
     remote = load_file(tmp_path / "output.safetensors")["logits"]
     # Same code, same weights, same input, another process: equal up to thread-scheduling rounding.
     torch.testing.assert_close(remote, expected, rtol=0, atol=1e-6)
+
+
+def test_remote_code_never_runs_without_trust_remote_code(saved_model, tmp_path):
+    """A shared segformer_hf checkpoint is code: loading it without consent must refuse before executing it."""
+    _, directory = saved_model
+    untrusted = tmp_path / "untrusted"
+    shutil.copytree(directory, untrusted)
+    marker = tmp_path / "code_ran"
+    modeling = untrusted / "modeling_segformer_hf.py"
+    modeling.write_text(f"open({str(marker)!r}, 'w').close()\n" + modeling.read_text())
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForSemanticSegmentation\n"
+        "try:\n"
+        "    AutoModelForSemanticSegmentation.from_pretrained(sys.argv[1])\n"
+        "except ValueError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+                   "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(untrusted)],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert "refused:" in completed.stdout and "trust_remote_code" in completed.stdout, completed.stderr[
+        -2000:
+    ]
+    assert not marker.exists(), "the checkpoint's code ran without trust_remote_code"
 
 
 def test_image_segmentation_pipeline_returns_masks_at_the_input_size(saved_model):
