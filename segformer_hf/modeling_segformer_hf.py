@@ -8,16 +8,25 @@ the 1x1 fusion are all linear, so each stage's projection is composed with its s
 weights and applied at the stage's own (coarse) resolution; only the fused C-channel maps are
 upsampled and summed. This is exactly the published computation reordered, in training and in
 inference alike, and it removes the 4C -> C convolution at 1/4 resolution that dominates the
-decoder's cost.
+decoder's cost. The rest, each measured with scripts/benchmark.py:
+
+* feature maps are channels-last from the first convolution on, so the (B, N, C) tokens and the
+  (B, C, H, W) maps that the convolutions see are views of one another, never transposing copies;
+* the loss (`UpsampledCrossEntropy`) writes its gradient over the upsampled logits during the forward
+  pass instead of filling three more tensors of the labels' size;
+* in evaluation the frozen BatchNorm is folded into the composed decoder weights;
+* on CPU the decoder's dropout draws random numbers only for the elements it drops.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -42,7 +51,10 @@ class SegformerHFOverlapPatchEmbeddings(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        embeddings = self.projection(pixel_values)
+        # Channels-last in, channels-last out: the tokens below are then a view, not a transposing copy, and
+        # oneDNN's strided convolution on a 3-channel image runs twice as fast in this layout. Feature maps
+        # from the previous stage already are channels-last, so only the image is copied.
+        embeddings = self.projection(pixel_values.contiguous(memory_format=torch.channels_last))
         height, width = embeddings.shape[-2:]
         # (B, C, H, W) -> (B, H*W, C)
         embeddings = embeddings.flatten(2).transpose(1, 2)
@@ -64,7 +76,7 @@ class SegformerHFSequenceReduction(nn.Module):
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch_size, _, channels = tokens.shape
         # (B, N, C) -> (B, C, H, W), a view in channels-last memory order
-        grid = tokens.transpose(1, 2).reshape(batch_size, channels, height, width)
+        grid = tokens.view(batch_size, height, width, channels).permute(0, 3, 1, 2)
         # (B, C, H/R, W/R) -> (B, H*W/R^2, C)
         reduced = self.conv(grid).flatten(2).transpose(1, 2)
         return self.layer_norm(reduced)
@@ -130,7 +142,7 @@ class SegformerHFMixFFN(nn.Module):
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         expanded = self.fc1(tokens)
         # (B, N, 4C) -> (B, 4C, H, W), a channels-last view: no copy before the convolution
-        grid = expanded.transpose(1, 2).unflatten(2, (height, width))
+        grid = expanded.unflatten(1, (height, width)).permute(0, 3, 1, 2)
         # (B, 4C, H, W) -> (B, N, 4C)
         mixed = self.depthwise_conv(grid).flatten(2).transpose(1, 2)
         mixed = self.dropout(self.activation(mixed))
@@ -217,7 +229,7 @@ class SegformerHFStage(nn.Module):
             tokens = layer(tokens, height, width)
         tokens = self.layer_norm(tokens)
         # (B, H*W, C) -> (B, C, H, W), left in channels-last memory order (a view, no copy)
-        return tokens.transpose(1, 2).unflatten(2, (height, width))
+        return tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
 
 
 class SegformerHFPreTrainedModel(PreTrainedModel):
@@ -340,6 +352,40 @@ class SegformerHFForImageClassification(SegformerHFPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
+class SegformerHFSparseDrawDropout(nn.Dropout):
+    """Dropout that, on CPU, draws a random number only for each dropped element instead of every element.
+
+    The output is the same random function as `nn.Dropout`'s: `hidden * noise`, with the noise i.i.d. 0
+    (probability p) or 1 / (1 - p). PyTorch's CPU generator produces random numbers one at a time on one
+    thread, so for the decoder's (B, C, H/4, W/4) map `nn.Dropout` spends longer drawing its mask than
+    the convolution after it computes. The dropped positions of a Bernoulli(p) sequence are the running
+    sums of i.i.d. Geometric(p) gaps, which takes about p * numel draws. Elsewhere (CUDA, torch.compile,
+    p of 0 or 1, in place) this is `nn.Dropout` itself.
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        sparse = self.training and 0.0 < self.p < 1.0 and not self.inplace and hidden.device.type == "cpu"
+        if not sparse or torch.compiler.is_compiling():
+            return super().forward(hidden)
+        numel = hidden.numel()
+        # Same memory layout as `hidden`; the drops index it in memory order (the noise is i.i.d., so any
+        # order draws the same distribution).
+        noise = torch.empty_like(hidden).fill_(1.0 / (1.0 - self.p))
+        flat_noise = noise.as_strided((numel,), (1,))
+        expected_drops = self.p * numel
+        draws_per_round = int(expected_drops + 8.0 * math.sqrt(expected_drops) + 16)
+        rounds = []
+        last_position = -1
+        while last_position < numel - 1:
+            gaps = torch.empty(draws_per_round, dtype=torch.long).geometric_(self.p)
+            positions = gaps.cumsum(0).add_(last_position)
+            rounds.append(positions)
+            last_position = int(positions[-1])
+        positions = torch.cat(rounds)
+        flat_noise.index_fill_(0, positions[positions < numel], 0.0)
+        return hidden * noise
+
+
 class SegformerHFDecodeHead(nn.Module):
     """The all-MLP decoder: project each stage to C channels, upsample to 1/4, fuse, classify.
 
@@ -356,8 +402,8 @@ class SegformerHFDecodeHead(nn.Module):
         # A 1x1 convolution without bias, stored as the matrix it is.
         self.fuse = nn.Linear(width * len(config.hidden_sizes), width, bias=False)
         self.batch_norm = nn.BatchNorm2d(width)
-        self.activation = nn.ReLU()
-        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.activation = nn.ReLU(inplace=True)
+        self.dropout = SegformerHFSparseDrawDropout(config.classifier_dropout_prob)
         self.classifier = nn.Conv2d(width, config.num_labels, kernel_size=1)
 
     def composed_stage_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -372,20 +418,50 @@ class SegformerHFDecodeHead(nn.Module):
             composed.append((fuse_slice @ projection.weight, fuse_slice @ projection.bias))
         return composed
 
+    def batch_norm_as_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, shift) with BatchNorm(x) = scale * x + shift per channel, once its statistics are frozen.
+
+        None while BatchNorm normalises by batch statistics (training mode, or no running statistics).
+        """
+        norm = self.batch_norm
+        if norm.training or norm.running_mean is None:
+            return None
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+
     def forward(self, stage_features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         target_size = stage_features[0].shape[-2:]
-        fused = None
-        for features, (weight, bias) in zip(stage_features, self.composed_stage_weights()):
-            # (B, C_i, H_i, W_i) -> (B, C, H_i, W_i): a 1x1 convolution by the composed weights. The output
-            # is contiguous NCHW, which PyTorch's CPU bilinear upsampling handles several times faster
-            # than channels-last.
+        stage_weights = self.composed_stage_weights()
+        frozen_norm = self.batch_norm_as_affine()
+        if frozen_norm is not None:
+            # Evaluation: the frozen BatchNorm is one more per-channel affine map, folded into the composed
+            # weights; its shift joins the first stage's bias (upsampling keeps a constant map constant).
+            scale, shift = frozen_norm
+            stage_weights = [(scale[:, None] * weight, scale * bias) for weight, bias in stage_weights]
+            stage_weights[0] = (stage_weights[0][0], stage_weights[0][1] + shift)
+        # Without autograd (inference) every stage is upsampled into one reused buffer: on a CPU a fresh
+        # (B, C, H/4, W/4) tensor costs about as much in page faults as the upsampling that fills it.
+        reuse_buffer = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fused = upsampled = None
+        for features, (weight, bias) in zip(stage_features, stage_weights):
+            # (B, C_i, H_i, W_i) -> (B, C, H_i, W_i): a 1x1 convolution by the composed weights. The stage
+            # maps are channels-last, and so is the output, which CPU bilinear upsampling handles several
+            # times faster than NCHW.
             projected = F.conv2d(features, weight[:, :, None, None], bias)
-            if projected.shape[-2:] != target_size:
-                # Bilinear weights sum to one, so upsampling after the affine map equals upsampling before it.
+            # Bilinear weights sum to one, so upsampling after the affine map equals upsampling before it.
+            # The first (finest) stage sets the target size, so `fused` exists before any upsampling.
+            if projected.shape[-2:] != target_size and reuse_buffer:
+                upsampled = torch.empty_like(fused) if upsampled is None else upsampled
+                projected = torch.ops.aten.upsample_bilinear2d.out(
+                    projected, list(target_size), False, None, None, out=upsampled
+                )
+            elif projected.shape[-2:] != target_size:
                 projected = F.interpolate(projected, size=target_size, mode="bilinear", align_corners=False)
             # In place is safe for autograd: neither conv2d nor interpolate needs its output for backward.
             fused = projected if fused is None else fused.add_(projected)
-        hidden = self.dropout(self.activation(self.batch_norm(fused)))
+        hidden = fused if frozen_norm is not None else self.batch_norm(fused)
+        # The ReLU works in place (BatchNorm's backward does not need its output either).
+        hidden = self.dropout(self.activation(hidden))
         # (B, C, H/4, W/4) -> (B, num_labels, H/4, W/4)
         return self.classifier(hidden)
 
@@ -425,18 +501,16 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of 1/4-resolution `logits` (B, K, h, w) against full-resolution `labels` (B, H, W)."""
         ignore_index = self.config.semantic_loss_ignore_index
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            # A softmax over a hundred classes loses too much in 8 mantissa bits (autocast upcasts it too).
+            logits = logits.float()
+        if self.config.num_labels > 1 and torch.compiler.is_compiling():
+            # The compiler fuses the plain composition by itself (and cannot trace the hand-written one).
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            return F.cross_entropy(upsampled, labels.long(), ignore_index=ignore_index)
         if self.config.num_labels > 1:
-            # Upsampling in channels-last order and taking the softmax over the contiguous class axis is
-            # the same cross-entropy, computed about 1.6x faster on CPU than over NCHW's strided axis.
-            upsampled = F.interpolate(
-                logits.contiguous(memory_format=torch.channels_last),
-                size=labels.shape[-2:],
-                mode="bilinear",
-                align_corners=False,
-            )
-            # (B, K, H, W) in channels-last memory -> (B*H*W, K), a view
-            per_pixel_logits = upsampled.permute(0, 2, 3, 1).reshape(-1, upsampled.shape[1])
-            return F.cross_entropy(per_pixel_logits, labels.long().reshape(-1), ignore_index=ignore_index)
+            with_gradient = torch.is_grad_enabled() and logits.requires_grad
+            return UpsampledCrossEntropy.apply(logits, labels, ignore_index, with_gradient)
         upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = (labels >= 0) & (labels != ignore_index)
         per_pixel = F.binary_cross_entropy_with_logits(
@@ -444,6 +518,72 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
         )
         # Average over valid pixels only; an all-ignored batch contributes a zero (but differentiable) loss.
         return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+class UpsampledCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of logits bilinearly upsampled to the labels' size, averaged over non-ignored pixels.
+
+    The same quantity as `F.cross_entropy(F.interpolate(logits, labels.shape[-2:]), labels)`, computed
+    with fewer passes over full-resolution memory. Autograd's composition fills four tensors of the full
+    label size (B*H*W*K values: upsampled logits, log-probabilities, a zero-filled gradient, the
+    log-softmax gradient); on a CPU each fresh tensor that size costs about as much in page faults as the
+    arithmetic on it. Here the upsampled logits are the only one: the forward pass overwrites them, a
+    cache-sized block of pixels at a time, with the gradient softmax - one_hot(label) (zero at ignored
+    pixels), and the backward pass applies the adjoint of the upsampling to it and scales by
+    1 / (number of valid pixels) at the logits' coarse resolution. Ignored pixels
+    (`labels == ignore_index`) get no gradient; when every pixel is ignored the loss is NaN and the
+    gradient zero, as with `F.cross_entropy`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_gradient: bool
+    ) -> torch.Tensor:
+        num_classes = logits.shape[1]
+        output_size = tuple(labels.shape[-2:])
+        upsampled = F.interpolate(
+            logits.contiguous(memory_format=torch.channels_last),
+            size=output_size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        # (B, K, H, W) in channels-last memory -> (B*H*W, K), a view: each pixel's K logits side by side
+        per_pixel = upsampled.permute(0, 2, 3, 1).view(-1, num_classes)
+        flat_labels = labels.reshape(-1).long()
+        valid = flat_labels != ignore_index
+        # Ignored pixels look up class 0 (any valid index) and are masked out of the sum and the gradient.
+        safe_labels = flat_labels.masked_fill(~valid, 0)[:, None]
+        if logits.device.type == "cpu":
+            block_bytes = 2**21  # each block is read from memory once and stays in cache for every step
+        else:
+            block_bytes = 2**26  # a few blocks: the temporary log-probabilities stay small, launches few
+        block = max(1, block_bytes // (num_classes * per_pixel.element_size()))
+        picked_sums = []
+        for first in range(0, per_pixel.shape[0], block):
+            rows = slice(first, first + block)
+            log_probabilities = torch.log_softmax(per_pixel[rows], dim=1)
+            picked = log_probabilities.gather(1, safe_labels[rows])[:, 0]
+            picked_sums.append(torch.where(valid[rows], picked, 0.0).sum())
+            if with_gradient:
+                gradient = torch.exp(log_probabilities, out=per_pixel[rows])
+                gradient.scatter_add_(
+                    1, safe_labels[rows], gradient.new_full((1, 1), -1.0).expand(len(gradient), 1)
+                )
+                gradient.mul_(valid[rows, None])
+        valid_count = valid.sum()
+        if with_gradient:
+            ctx.save_for_backward(upsampled, valid_count)
+            ctx.logits_shape = tuple(logits.shape)
+        return -torch.stack(picked_sums).sum() / valid_count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        gradient, valid_count = ctx.saved_tensors
+        coarse = torch.ops.aten.upsample_bilinear2d_backward(
+            gradient, list(gradient.shape[-2:]), list(ctx.logits_shape), False, None, None
+        )
+        return coarse.mul_(grad_loss / valid_count.clamp(min=1)), None, None, None
 
 
 def _conversion_module():
