@@ -368,6 +368,43 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 2 <= state["run_state"]["global_step"] < 40
 
 
+def test_push_to_hub_at_the_end_of_training_sends_the_run_in_one_commit(tmp_path, monkeypatch):
+    """`--push_to_hub` goes through huggingface_hub, intercepted here (no network)."""
+    from test_hub import HubRecorder
+
+    from segformer_hf.training import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_token_for_tests")
+    recorder = HubRecorder(tmp_path / "hub")
+    recorder.install(monkeypatch)
+    output_dir = tmp_path / "run"
+    arguments = [*SMALL_RUN, "--max_train_steps", "3", "--eval_steps", "100", "--output_dir", str(output_dir),
+                 "--push_to_hub", "--hub_model_id", "someone/segformer-b0-test"]  # fmt: skip
+    assert main(arguments) == 0
+    commit = recorder.only_commit
+    assert commit["repo_id"] == "someone/segformer-b0-test"
+    sent = {path.name for path in commit["folder"].iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_segformer_hf.py", "configuration_segformer_hf.py",
+            "preprocessor_config.json", "README.md", "all_results.json", "train_config.yaml"} <= sent  # fmt: skip
+    for name in ("model.safetensors", "all_results.json"):
+        assert (commit["folder"] / name).read_bytes() == (output_dir / name).read_bytes(), name
+    # The uploaded card's usage snippet names the repository rather than the local directory.
+    assert "someone/segformer-b0-test" in (commit["folder"] / "README.md").read_text()
+
+
+def test_wandb_without_credentials_runs_offline_instead_of_prompting(tmp_path):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    environment.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", *SMALL_RUN, "--max_train_steps", "3", "--eval_steps", "2",
+         "--report_to", "wandb", "--output_dir", str(tmp_path / "run")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, env=environment, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B runs offline" in result.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B kept no offline run to sync"
+
+
 def _wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     log = output_dir / "train_log.jsonl"
