@@ -948,6 +948,9 @@ def build_dataloaders(config: TrainingConfig, accelerator, train_dataset, eval_d
         num_workers=config.num_workers,
         collate_fn=seg_data.train_collate_fn,
         persistent_workers=False,
+        # Its own generator: otherwise every new iterator draws its worker seed from the global RNG, and a run
+        # resumed mid-epoch (one extra iterator) would drop out differently from the uninterrupted run.
+        generator=torch.Generator().manual_seed(config.seed),
     )
     if accelerator.num_processes > 1:
         eval_dataset = eval_dataset.shard(

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,7 +287,8 @@ def test_resume_after_stop_reproduces_the_uninterrupted_losses(tmp_path):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    _wait_for_step(stopped, 3, process)
+    # Stopped in the second epoch (4 steps each): resuming mid-epoch is the harder case.
+    _wait_for_step(stopped, 5, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
@@ -297,6 +299,27 @@ def test_resume_after_stop_reproduces_the_uninterrupted_losses(tmp_path):
     expected, got = _losses(full), _losses(stopped)
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (
+            step,
+            got[step],
+            expected[step],
+        )
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path):
+    """Deterministic twin of the SIGTERM test: resume from the full run's own checkpoint at step 5 (of 4-step epochs)."""
+    common = [*SMALL_RUN, "--max_train_steps", "8", "--eval_steps", "100", "--checkpointing_steps", "5",
+              "--checkpoints_total_limit", "3"]  # fmt: skip
+    full = tmp_path / "full"
+    assert _launch([*common, "--output_dir", str(full)]).returncode == 0
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    result = _launch([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = _losses(full), _losses(resumed)
+    assert sorted(got) == [6, 7, 8]
+    for step in (6, 7, 8):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (
             step,
             got[step],
