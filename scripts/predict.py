@@ -29,6 +29,7 @@ from segformer_hf.inference import (  # noqa: E402
     load_model_for_inference,
     load_rgb_image,
     overlay,
+    parse_scales,
     render_legend,
     resolve_palette,
     segment,
@@ -49,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=INFERENCE_MODES, default="whole")
     parser.add_argument("--crop_size", type=int, nargs="+", default=[512], help="slide window: S or H W")
     parser.add_argument("--stride", type=int, nargs="+", default=[341], help="slide stride: S or H W")
-    parser.add_argument("--scales", type=_float_list, default=None, help="test-time scales, e.g. 0.5,1.0,1.5")
+    parser.add_argument(
+        "--scales", type=parse_scales, default=None, help="test-time scales, e.g. 0.5,1.0,1.5"
+    )
     parser.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     parser.add_argument("--size_divisor", type=int, default=None, help="round scaled sides up to a multiple")
     parser.add_argument(
@@ -64,10 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--trust_remote_code", action="store_true")
     return parser.parse_args(argv)
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(value) for value in text.split(",") if value]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from .inference import (
     evaluate_model,
     format_metrics_table,
     load_model_for_inference,
+    parse_scales,
     write_json_atomic,
 )
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="slide stride: S or H W (default: 2/3 of the crop)",
     )
     parser.add_argument(
-        "--scales", type=_float_list, default=None, help="test-time scales, e.g. 0.5,0.75,1.0"
+        "--scales", type=parse_scales, default=None, help="test-time scales, e.g. 0.5,0.75,1.0"
     )
     parser.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     parser.add_argument("--size_divisor", type=int, default=None, help="round scaled sides up to a multiple")
@@ -173,7 +174,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pair(values: list[int]) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(value) for value in text.split(",") if value.strip()]

@@ -188,6 +188,11 @@ def predict_multiscale(
         return total / num_views
 
 
+def parse_scales(text: str) -> list[float]:
+    """Test-time scales from the command line: "0.5,0.75,1.0" -> [0.5, 0.75, 1.0]."""
+    return [float(value) for value in text.split(",") if value.strip()]
+
+
 def scaled_image_size(size: Size, scale: float, size_divisor: int | None = None) -> Size:
     """(H, W) times `scale`, rounded half up; then rounded up to a multiple of `size_divisor` if given."""
     scaled = [max(int(side * scale + 0.5), 1) for side in size]
