@@ -49,7 +49,7 @@ from transformers import AutoModelForSemanticSegmentation  # noqa: E402
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation  # noqa: E402
 from segformer_hf.configuration_segformer_hf import VARIANTS  # noqa: E402
 from segformer_hf.conversion import transformers_config  # noqa: E402
-from segformer_hf.inference import write_json_atomic  # noqa: E402
+from segformer_hf.files import write_json_atomic  # noqa: E402
 
 TOLERANCE = 1e-5
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -20,18 +20,23 @@ import io
 import json
 import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from .arguments import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -1042,3 +1047,159 @@ def _stack_if_same_shape(tensors: list[torch.Tensor]) -> torch.Tensor | list[tor
     if tensors and all(t.shape == tensors[0].shape for t in tensors):
         return torch.stack(tensors)
     return tensors
+
+
+# Data loaders --------------------------------------------------------------------------------------------
+
+
+def build_train_dataloader(
+    dataset: datasets.Dataset,
+    transform: SegmentationTrainTransform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+) -> DataLoader:
+    """Shuffled, full batches of augmented crops; the transform runs lazily in the DataLoader workers.
+
+    The loader has its own generator: otherwise every new iterator draws its worker seed from the
+    global RNG, and a run resumed mid-epoch (one extra iterator) would drop out differently from the
+    uninterrupted run.
+
+    Raises:
+        ValueError: the split holds fewer samples than one batch (there would be no step to train).
+    """
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"The training split has {len(dataset)} samples, fewer than one batch of {batch_size}: "
+            "no training step could be made. Lower per_device_train_batch_size or use more samples."
+        )
+    return DataLoader(
+        dataset.with_transform(transform),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        collate_fn=train_collate_fn,
+        worker_init_fn=ignore_termination_signals,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def build_eval_dataloader(
+    dataset: datasets.Dataset,
+    transform: SegmentationEvalTransform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> DataLoader:
+    """Validation batches: images resized for the network, labels at their original resolution.
+
+    With several processes each takes a contiguous shard (`datasets`' `shard`, not a padding sampler),
+    so no sample is evaluated twice and the summed confusion statistics are exact.
+    """
+    if num_shards > 1:
+        dataset = dataset.shard(num_shards=num_shards, index=shard_index, contiguous=True)
+    return DataLoader(
+        dataset.with_transform(transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=eval_collate_fn,
+        worker_init_fn=ignore_termination_signals,
+    )
+
+
+def ignore_termination_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which decides when to stop.
+
+    Ctrl-C, `timeout`, Slurm and Kubernetes signal the whole process group: a worker that died of the
+    signal first would crash the training loop before it could save its checkpoint.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# What a training run needs, from its config ---------------------------------------------------------------
+
+
+def load_training_data(config: TrainingConfig) -> tuple[datasets.Dataset, datasets.Dataset, dict[int, str]]:
+    """(train split, validation split, id2label) as the config describes them, sample caps applied."""
+    splits = load_segmentation_dataset(
+        dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name,
+        data_dir=config.data_dir,
+        data_format=config.data_format,
+        train_split=config.train_split,
+        validation_split=config.validation_split,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+    )
+    id2label = resolve_id2label(
+        id2label=config.id2label,
+        id2label_file=config.id2label_file,
+        dataset=splits["train"],
+        data_dir=config.data_dir,
+    )
+    train, validation = splits["train"], splits["validation"]
+    if config.max_train_samples is not None:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    if config.max_eval_samples is not None:
+        validation = validation.select(range(min(config.max_eval_samples, len(validation))))
+    return train, validation, id2label
+
+
+def train_dataloader_for(
+    config: TrainingConfig, dataset: datasets.Dataset, num_labels: int
+) -> tuple[DataLoader, SegmentationTrainTransform]:
+    """The training loader and its transform (whose epoch the loop sets) for the config's augmentation."""
+    transform = SegmentationTrainTransform(
+        crop_size=tuple(config.crop_size),
+        img_scale=tuple(config.img_scale),
+        ratio_range=tuple(config.ratio_range),
+        cat_max_ratio=config.cat_max_ratio,
+        flip_prob=config.flip_prob,
+        photometric_distortion=config.photometric_distortion,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        num_labels=num_labels,
+        seed=config.seed,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+    loader = build_train_dataloader(
+        dataset,
+        transform,
+        batch_size=config.per_device_train_batch_size,
+        num_workers=config.dataloader_num_workers,
+        seed=config.seed,
+    )
+    return loader, transform
+
+
+def eval_dataloader_for(
+    config: TrainingConfig,
+    dataset: datasets.Dataset,
+    num_labels: int,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> DataLoader:
+    """The validation loader for the config's inference protocol (this process's shard of it)."""
+    transform = SegmentationEvalTransform(
+        img_scale=config.inference_protocol().img_scale,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        num_labels=num_labels,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+    return build_eval_dataloader(
+        dataset,
+        transform,
+        batch_size=config.per_device_eval_batch_size,
+        num_workers=config.dataloader_num_workers,
+        num_shards=num_shards,
+        shard_index=shard_index,
+    )

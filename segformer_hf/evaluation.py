@@ -1,35 +1,178 @@
-"""Evaluating a saved model on a dataset split: the engine of `scripts/evaluate.py`.
+"""The one evaluation engine: mean IoU of a model over a data loader, on one or many processes.
 
-It joins the other modules' pieces: a model and its labels from a directory or the Hub (`inference`),
-a split through `datasets` (`data`), one of the paper's inference modes and mean IoU over all processes
-(`inference.evaluate_model`, `metrics`), then a printed table and a JSON file. Under `accelerate launch`
-every process takes a contiguous shard of the split (no padding duplicates), and the confusion
-statistics are summed, so N processes report exactly what one would.
+Training's periodic and final evaluations, `segformer-hf evaluate` (`scripts/evaluate_model.py`) and the
+tests all call `evaluate_model`, with an `inference.InferenceProtocol` saying how images are predicted.
+Under `accelerate launch` every process takes a contiguous shard of the split (no padding duplicates)
+and the confusion statistics are summed, so N processes report exactly what one would.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
+from . import data as seg_data
+from .files import write_json_atomic
 from .inference import (
-    INFERENCE_MODES,
-    evaluate_model,
-    format_metrics_table,
+    InferenceProtocol,
+    _eval_mode,
+    add_inference_arguments,
     load_model_for_inference,
-    parse_scales,
-    write_json_atomic,
+    predict_scores,
+    scores_to_labels,
 )
+from .metrics import create_metric
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    dataloader: Iterable[dict[str, Any]],
+    num_labels: int,
+    ignore_index: int,
+    protocol: InferenceProtocol | None = None,
+    *,
+    accelerator: Accelerator | None = None,
+    metric_backend: str = "streaming",
+    window_batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Mean IoU (and accuracies) of `model` over `dataloader`, reduced over all processes.
+
+    Each batch holds normalised "pixel_values" (a (B, 3, h, w) tensor, or a list of (3, h, w) tensors
+    when sizes differ) and "labels" at the original resolution. Predictions are made at each label's
+    size with `protocol` (see `inference.predict_scores`), so the metric is computed at full
+    resolution, as the paper reports it. In a distributed run every process must hold a disjoint part
+    of the data (see `data.build_eval_dataloader`). Returns evaluate's mean_iou keys, with per-class
+    values as lists (JSON-ready), plus "num_samples". The model's training mode is restored on return.
+    """
+    metric = create_metric(metric_backend, num_labels=num_labels, ignore_index=ignore_index)
+    network = model
+    if accelerator is not None:
+        share_batchnorm_statistics(accelerator, model)
+        network = accelerator.unwrap_model(model)
+    is_main_process = accelerator is None or accelerator.is_main_process
+    num_samples = 0
+    with _eval_mode(network):
+        for batch in tqdm(dataloader, desc="Evaluating", disable=not (show_progress and is_main_process)):
+            for pixel_values, labels in same_size_groups(batch):
+                scores, are_probabilities = predict_scores(
+                    network,
+                    pixel_values,
+                    tuple(labels.shape[-2:]),
+                    protocol,
+                    window_batch_size=window_batch_size,
+                    autocast_dtype=autocast_dtype,
+                )
+                metric.update(scores_to_labels(scores, are_probabilities).cpu(), labels.cpu())
+                num_samples += len(labels)
+    results = {
+        key: value.tolist() if hasattr(value, "tolist") else value for key, value in metric.compute().items()
+    }
+    results["num_samples"] = _sum_over_processes(num_samples, accelerator)
+    return results
+
+
+def same_size_groups(batch: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixel_values (b, 3, h, w), labels (b, H, W)) groups that can be predicted in one call."""
+    pixel_values, labels = batch["pixel_values"], batch["labels"]
+    if isinstance(pixel_values, torch.Tensor) and isinstance(labels, torch.Tensor):
+        yield pixel_values, labels
+        return
+    for image, label in zip(pixel_values, labels):
+        image = torch.as_tensor(image)
+        # (3, h, w) -> (1, 3, h, w); (H, W) -> (1, H, W)
+        yield (
+            (image if image.ndim == 4 else image.unsqueeze(0)),
+            torch.as_tensor(label).reshape(1, *label.shape[-2:]),
+        )
+
+
+def share_batchnorm_statistics(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Gives every process the main process's BatchNorm running statistics (what the saved model holds).
+
+    Without SyncBatchNorm each process updates its running mean/variance from its own batches, so after
+    the last step they differ; DDP only re-broadcasts them at the next forward. Evaluating each shard
+    with other statistics would make an N-process evaluation disagree with the saved model's.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for module in accelerator.unwrap_model(model).modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
+
+
+def _sum_over_processes(count: int, accelerator: Accelerator | None) -> int:
+    if accelerator is None or accelerator.num_processes == 1:
+        return count
+    total = accelerator.reduce(torch.tensor([count], device=accelerator.device), reduction="sum")
+    return int(total.item())
+
+
+def format_metrics_table(results: dict[str, Any], id2label: dict[int, str], title: str = "Evaluation") -> str:
+    """The overall metrics, then IoU and accuracy per class by name ("n/a": class absent from the labels)."""
+    names = [str(id2label.get(index, index)) for index in range(len(results["per_category_iou"]))]
+    name_width = max([len("class"), *map(len, names)])
+    lines = [
+        title,
+        f"  mean IoU          {_number(results['mean_iou'])}",
+        f"  mean accuracy     {_number(results['mean_accuracy'])}",
+        f"  overall accuracy  {_number(results['overall_accuracy'])}",
+        "",
+        f"  {'class':<{name_width}}     IoU  accuracy",
+    ]
+    for name, iou, accuracy in zip(names, results["per_category_iou"], results["per_category_accuracy"]):
+        lines.append(f"  {name:<{name_width}}  {_number(iou)}    {_number(accuracy)}")
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "   n/a"
+    return f"{float(value):6.4f}"
+
+
+def evaluate_saved_model(output_dir: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluates a finished run's saved model in this one process, with the run's own validation settings.
+
+    `overrides` are command-line style flags (`["--max_eval_samples", "5"]`) applied on top of the run's
+    train_config.yaml. This is the single-process twin of the evaluation at the end of training.
+    """
+    from .arguments import parse_args
+    from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
+
+    config = parse_args(["--config", str(Path(output_dir) / "train_config.yaml"), *(overrides or [])])
+    _, eval_dataset, id2label = seg_data.load_training_data(config)
+    model = SegformerHFForSemanticSegmentation.from_pretrained(output_dir)
+    eval_loader = seg_data.eval_dataloader_for(config, eval_dataset, len(id2label))
+    return evaluate_model(
+        model,
+        eval_loader,
+        len(id2label),
+        config.ignore_index,
+        config.inference_protocol(),
+        metric_backend=config.metric_backend,
+    )
+
+
+# The command line ----------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Mean IoU of a SegFormer on a dataset split (whole image, sliding window, multi-scale + flip)."
+        prog="segformer-hf evaluate",
+        description="Mean IoU of a SegFormer on a dataset split (whole image, sliding window, multi-scale + flip).",
     )
     parser.add_argument("--model", required=True, help="model directory or Hub repo id")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code to run")
@@ -51,28 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reduce_labels", action="store_true", help="labels 0 = other (ADE20K): ignore 0, shift"
     )
-    parser.add_argument(
-        "--img_scale",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("LONG", "SHORT"),
-        help="keep-ratio resize bound before inference, e.g. 2048 512 (default: images as they are)",
-    )
-    parser.add_argument("--mode", choices=INFERENCE_MODES, default="whole")
-    parser.add_argument("--crop_size", type=int, nargs="+", default=[512], help="slide window: S or H W")
-    parser.add_argument(
-        "--stride",
-        type=int,
-        nargs="+",
-        default=None,
-        help="slide stride: S or H W (default: 2/3 of the crop)",
-    )
-    parser.add_argument(
-        "--scales", type=parse_scales, default=None, help="test-time scales, e.g. 0.5,0.75,1.0"
-    )
-    parser.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
-    parser.add_argument("--size_divisor", type=int, default=None, help="round scaled sides up to a multiple")
+    add_inference_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples")
@@ -84,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluates `args.model` as `build_parser` describes; prints the table and writes the JSON on rank 0."""
-    from accelerate import Accelerator
-
-    from . import data as seg_data
-
+    protocol = InferenceProtocol.from_args(args)
+    protocol.validate()
+    if args.output is not None and args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a directory; give a JSON file path")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, _ = load_model_for_inference(
         args.model, trust_remote_code=args.trust_remote_code, device=accelerator.device
@@ -108,57 +230,44 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    total_samples = len(dataset)
-    if accelerator.num_processes > 1:
-        dataset = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
     transform = seg_data.SegmentationEvalTransform(
-        img_scale=tuple(args.img_scale) if args.img_scale else None,
+        img_scale=protocol.img_scale,
         ignore_index=ignore_index,
         reduce_labels=args.reduce_labels,
         num_labels=len(id2label),
-        skip_bad_samples=False,
     )
-    loader = torch.utils.data.DataLoader(
-        dataset.with_transform(transform),
+    loader = seg_data.build_eval_dataloader(
+        dataset,
+        transform,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        collate_fn=seg_data.eval_collate_fn,
+        num_shards=accelerator.num_processes,
+        shard_index=accelerator.process_index,
     )
-    crop_size = _pair(args.crop_size)
-    # The paper's windows overlap by a third (512 -> 341, 1024 -> 768 on Cityscapes).
-    stride = _pair(args.stride) if args.stride else tuple(round(side * 2 / 3) for side in crop_size)
     started = time.time()
     results = evaluate_model(
         model,
         loader,
         len(id2label),
         ignore_index,
+        protocol,
         accelerator=accelerator,
-        mode=args.mode,
-        crop_size=crop_size,
-        stride=stride,
-        scales=args.scales,
-        flip=args.flip,
-        size_divisor=args.size_divisor,
         metric_backend=args.metric_backend,
         autocast_dtype=torch.bfloat16 if args.bf16 else None,
         show_progress=True,
     )
-    results = {key: value.tolist() if hasattr(value, "tolist") else value for key, value in results.items()}
+    if results["num_samples"] != len(dataset):
+        raise RuntimeError(f"evaluated {results['num_samples']} of {len(dataset)} samples")
     results.update(
         model=str(args.model),
         split=args.split,
-        mode=args.mode,
-        scales=args.scales,
-        flip=args.flip,
+        protocol=protocol.to_dict(),
         world_size=accelerator.num_processes,
         eval_runtime=time.time() - started,
         per_category_name=[id2label.get(index, str(index)) for index in range(len(id2label))],
     )
-    if results["num_samples"] != total_samples:
-        raise RuntimeError(f"evaluated {results['num_samples']} of {total_samples} samples")
     if accelerator.is_main_process:
-        title = f"{args.model} on {args.dataset or args.data_dir} [{args.split}], {total_samples} samples"
+        title = f"{args.model} on {args.dataset or args.data_dir} [{args.split}], {len(dataset)} samples"
         print(format_metrics_table(results, id2label, title=title), flush=True)
         if args.output is not None:
             write_json_atomic(args.output, results)
@@ -167,10 +276,12 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`segformer-hf evaluate`: exit 0 with the table printed, 2 for arguments that cannot work."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    run_evaluation(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        run_evaluation(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
-
-
-def _pair(values: list[int]) -> tuple[int, int]:
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])

@@ -12,12 +12,14 @@ commit, so the output directory is never modified and the repository never holds
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ except ImportError:
     import httpx as hub_http
 
 from .configuration_segformer_hf import VARIANTS
-from .inference import write_atomic
+from .files import write_atomic
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 
 logger = logging.getLogger(__name__)
@@ -658,3 +660,42 @@ __all__ = [
     "started_from_nvidia_weights",
     "write_model_card",
 ]
+
+
+# The command line ----------------------------------------------------------------------------------------
+
+
+def parse_push_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="segformer-hf push",
+        description="Push a trained output directory to the Hub, with its model card, in one commit.",
+    )
+    parser.add_argument("output_dir", help="the output directory of a training run (scripts/train.py)")
+    parser.add_argument("--repo_id", required=True, help="USER/NAME or ORGANISATION/NAME; created if missing")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--format", choices=FORMATS, default="segformer_hf", help="what the repository holds")
+    parser.add_argument("--commit_message", default=None)
+    parser.add_argument(
+        "--token", default=None, help="a write token (default: the `hf auth login` one, or HF_TOKEN)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`segformer-hf push OUTPUT_DIR --repo_id USER/NAME`: exit 0 and print the URL, 1 with the reason."""
+    arguments = parse_push_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        url = push_to_hub(
+            arguments.output_dir,
+            arguments.repo_id,
+            private=arguments.private,
+            format=arguments.format,
+            commit_message=arguments.commit_message,
+            token=arguments.token,
+        )
+    except (HubPushError, FileNotFoundError, ValueError) as error:
+        print(f"push_to_hub: {error}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0

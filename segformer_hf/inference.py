@@ -6,31 +6,147 @@ already normalised batch `pixel_values` (B, 3, H, W). They return float32 scores
 `output_size`, the size of the label map being predicted, so that callers never have to remember
 which resolution the network ran at.
 
-`evaluate_model` runs one of these modes over a data loader and computes mean IoU, on one process
-or across all processes of an `accelerate` run; training and `scripts/evaluate.py` share it.
-The visualisation helpers (palette, colour mask, overlay, legend) serve `scripts/predict.py` and
-image logging.
+`InferenceProtocol` names one way of predicting (mode, resize bound, window, stride, scales, flip)
+with one default rule for each setting; training's evaluation, `segformer-hf evaluate` and
+`segformer-hf predict` all take one, so a model is judged the way it is used.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 Size = tuple[int, int]
 
 INFERENCE_MODES = ("whole", "slide")
-AVERAGING_CHOICES = ("probabilities", "logits")
+# The paper's sliding windows overlap by a third of the crop (512 -> 341, 1024 -> 768 on Cityscapes).
+DEFAULT_STRIDE_FRACTION = 2 / 3
+
+
+@dataclass(frozen=True)
+class InferenceProtocol:
+    """How images are turned into predictions, defined once and used by every caller (mmseg's test_cfg).
+
+    Attributes:
+        mode: "whole" (one forward pass per image) or "slide" (windows of `crop_size`).
+        img_scale: keep-ratio resize bound (long side, short side) applied to an image before it is
+            predicted, or None to predict each image at its own size.
+        crop_size: sliding-window size (height, width); needed by mode "slide".
+        stride: sliding-window stride; None means `DEFAULT_STRIDE_FRACTION` of the crop.
+        scales: test-time scale ratios (multi-scale); None means the image as it is.
+        flip: also predict the mirrored image and average.
+        size_divisor: round each scaled side up to a multiple of this (the SegFormer code's AlignedResize).
+    """
+
+    mode: str = "whole"
+    img_scale: Size | None = None
+    crop_size: Size | None = None
+    stride: Size | None = None
+    scales: tuple[float, ...] | None = None
+    flip: bool = False
+    size_divisor: int | None = None
+
+    def __post_init__(self) -> None:
+        # Lists from YAML, JSON or argparse become tuples: the protocol is a frozen, hashable value.
+        for name in ("img_scale", "crop_size", "stride", "scales"):
+            value = getattr(self, name)
+            if isinstance(value, int):
+                value = (value, value)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def window_stride(self) -> Size | None:
+        """The stride the sliding window really uses: the given one, else the default rule."""
+        if self.stride is not None:
+            return self.stride
+        if self.crop_size is None:
+            return None
+        return tuple(max(round(side * DEFAULT_STRIDE_FRACTION), 1) for side in self.crop_size)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the setting that cannot work."""
+        if self.mode not in INFERENCE_MODES:
+            raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {self.mode!r}")
+        for name in ("img_scale", "crop_size", "stride"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) <= 0):
+                raise ValueError(f"{name} must be two positive sides, got {list(value)}")
+        if self.mode == "slide":
+            if self.crop_size is None:
+                raise ValueError("mode 'slide' needs crop_size")
+            if not all(0 < s <= c for s, c in zip(self.window_stride, self.crop_size)):
+                raise ValueError(
+                    f"stride {list(self.window_stride)} must be positive and no larger than crop_size "
+                    f"{list(self.crop_size)}, or some pixels would be covered by no window"
+                )
+        if self.scales is not None and (not self.scales or min(self.scales) <= 0):
+            raise ValueError(f"scales must be positive ratios, got {list(self.scales)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what image processors and result files store."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value for name, value in self.__dict__.items()
+        }
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> InferenceProtocol:
+        """The protocol given by the flags of `add_inference_arguments`."""
+        return cls(
+            mode=args.mode,
+            img_scale=args.img_scale,
+            crop_size=_optional_pair(args.crop_size),
+            stride=_optional_pair(args.stride),
+            scales=args.scales,
+            flip=args.flip,
+            size_divisor=args.size_divisor,
+        )
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of an `InferenceProtocol`, shared by `segformer-hf evaluate` and `segformer-hf predict`."""
+    group = parser.add_argument_group("inference protocol")
+    group.add_argument("--mode", choices=INFERENCE_MODES, default="whole")
+    group.add_argument(
+        "--img_scale",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LONG", "SHORT"),
+        help="keep-ratio resize bound before inference, e.g. 2048 512 (default: the model's own, else none)",
+    )
+    group.add_argument("--crop_size", type=int, nargs="+", default=None, help="slide window: S or H W")
+    group.add_argument(
+        "--stride",
+        type=int,
+        nargs="+",
+        default=None,
+        help="slide stride: S or H W (default: 2/3 of the crop)",
+    )
+    group.add_argument(
+        "--scales", type=parse_scales, default=None, help="test-time scales, e.g. 0.5,0.75,1.0"
+    )
+    group.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+    group.add_argument("--size_divisor", type=int, default=None, help="round scaled sides up to a multiple")
+
+
+def _optional_pair(values: Sequence[int] | None) -> Size | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise ValueError(f"expected S or H W, got {list(values)}")
+    return (values[0], values[-1])
 
 
 # Inference modes --------------------------------------------------------------------------------------
@@ -131,7 +247,6 @@ def predict_multiscale(
     stride: int | Size | None = None,
     num_labels: int | None = None,
     size_divisor: int | None = None,
-    average: str = "probabilities",
     window_batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -142,16 +257,14 @@ def predict_multiscale(
     `flip`, also mirrored left-right. Each view is predicted with `mode` ("whole" or "slide" with
     `crop_size`/`stride`), resized to `output_size` (default: the input size) and mirrored back.
 
-    With `average="probabilities"` (the default) each view's logits are turned into per-pixel class
-    probabilities (softmax; sigmoid for a single-label model) before averaging, which is what the
-    SegFormer/mmsegmentation code does (0.x `aug_test` sums `inference()`'s softmax outputs, 1.x
-    `SegTTAModel.merge_preds` averages `softmax`), so a confident view cannot outvote the others by
-    logit magnitude alone. `average="logits"` averages raw logits instead. Returns (B, K, *output_size).
+    Each view's logits are turned into per-pixel class probabilities (softmax; sigmoid for a
+    single-label model) before averaging, which is what the SegFormer/mmsegmentation code does (0.x
+    `aug_test` sums `inference()`'s softmax outputs, 1.x `SegTTAModel.merge_preds` averages
+    `softmax`), so a confident view cannot outvote the others by logit magnitude alone.
+    Returns probabilities (B, K, *output_size).
     """
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
-    if average not in AVERAGING_CHOICES:
-        raise ValueError(f"average must be one of {AVERAGING_CHOICES}, got {average!r}")
     if not scales or any(scale <= 0 for scale in scales):
         raise ValueError(f"scales must be a non-empty list of positive ratios, got {list(scales)}")
     if mode == "slide" and (crop_size is None or stride is None):
@@ -181,8 +294,7 @@ def predict_multiscale(
                     )
                 if mirrored:
                     scores = scores.flip(-1)
-                if average == "probabilities":
-                    scores = scores_to_probabilities(scores)
+                scores = scores_to_probabilities(scores)
                 total = scores if total is None else total.add_(scores)
                 num_views += 1
         return total / num_views
@@ -222,49 +334,41 @@ def predict_scores(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
     output_size: Size | None = None,
+    protocol: InferenceProtocol | None = None,
     *,
-    mode: str = "whole",
-    crop_size: int | Size | None = None,
-    stride: int | Size | None = None,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
-    size_divisor: int | None = None,
-    average: str = "probabilities",
     window_batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """Dispatches to the right mode; returns (scores (B, K, *output_size), whether they are probabilities).
+    """Predicts as `protocol` says; returns (scores (B, K, *output_size), whether they are probabilities).
 
-    Without `scales` and `flip` this is plain whole or sliding-window inference on the input as it is;
-    otherwise multi-scale/flip test-time augmentation.
+    `pixel_values` are already resized (the protocol's `img_scale` is applied by whoever prepared
+    them). Without scales and flip this is plain whole or sliding-window inference, returning logits;
+    otherwise multi-scale/flip test-time augmentation, returning averaged probabilities.
     """
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
-    if scales or flip:
+    protocol = protocol or InferenceProtocol()
+    protocol.validate()
+    if protocol.scales or protocol.flip:
         scores = predict_multiscale(
             model,
             pixel_values,
-            scales or (1.0,),
-            flip,
-            mode,
+            protocol.scales or (1.0,),
+            protocol.flip,
+            protocol.mode,
             output_size,
-            crop_size=crop_size,
-            stride=stride,
-            size_divisor=size_divisor,
-            average=average,
+            crop_size=protocol.crop_size,
+            stride=protocol.window_stride,
+            size_divisor=protocol.size_divisor,
             window_batch_size=window_batch_size,
             autocast_dtype=autocast_dtype,
         )
-        return scores, average == "probabilities"
-    if mode == "slide":
-        if crop_size is None or stride is None:
-            raise ValueError("mode='slide' needs crop_size and stride")
+        return scores, True
+    if protocol.mode == "slide":
         scores = predict_slide(
             model,
             pixel_values,
             None,
-            crop_size,
-            stride,
+            protocol.crop_size,
+            protocol.window_stride,
             output_size,
             window_batch_size=window_batch_size,
             autocast_dtype=autocast_dtype,
@@ -277,24 +381,18 @@ def segment(
     model: torch.nn.Module,
     images: Any,
     image_processor_or_norm: Any = None,
-    mode: str = "whole",
+    protocol: InferenceProtocol | None = None,
     *,
-    crop_size: int | Size | None = None,
-    stride: int | Size | None = None,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
-    size_divisor: int | None = None,
-    average: str = "probabilities",
     window_batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[np.ndarray]:
     """Label maps (H, W) int64, one per image at the image's own size.
 
     `images` is one image or a list: PIL images or (H, W, 3) uint8 arrays. `image_processor_or_norm`
-    is a transformers image processor (e.g. the model's `SegformerImageProcessor`: its resize, rescale
-    and normalisation are applied), or a `(mean, std)` pair of per-channel values in [0, 1] (the image
-    is used at its own size), or None for ImageNet normalisation at the image's own size. The model is
-    put in eval mode for the call and restored afterwards.
+    is a transformers image processor (e.g. the model's own: its resize, rescale and normalisation are
+    applied), or a `(mean, std)` pair of per-channel values in [0, 1] (the image is used at its own
+    size), or None for ImageNet normalisation at the image's own size. The model is put in eval mode
+    for the call and restored afterwards.
     """
     if isinstance(images, (Image.Image, np.ndarray)):
         images = [images]
@@ -307,13 +405,7 @@ def segment(
                 model,
                 pixel_values,
                 rgb.shape[:2],
-                mode=mode,
-                crop_size=crop_size,
-                stride=stride,
-                scales=scales,
-                flip=flip,
-                size_divisor=size_divisor,
-                average=average,
+                protocol,
                 window_batch_size=window_batch_size,
                 autocast_dtype=autocast_dtype,
             )
@@ -400,117 +492,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-# Evaluation ------------------------------------------------------------------------------------------------
-
-
-def evaluate_model(
-    model: torch.nn.Module,
-    dataloader: Iterable[dict[str, Any]],
-    num_labels: int,
-    ignore_index: int,
-    *,
-    accelerator: Any = None,
-    mode: str = "whole",
-    crop_size: int | Size | None = None,
-    stride: int | Size | None = None,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
-    size_divisor: int | None = None,
-    average: str = "probabilities",
-    metric_backend: str = "streaming",
-    window_batch_size: int = 8,
-    autocast_dtype: torch.dtype | None = None,
-    show_progress: bool = False,
-) -> dict[str, Any]:
-    """Mean IoU (and accuracies) of `model` over `dataloader`, reduced over all processes.
-
-    Each batch holds normalised "pixel_values" (a (B, 3, h, w) tensor, or a list of (3, h, w) tensors
-    when sizes differ) and "labels" at the original resolution (a (B, H, W) tensor or a list of (H, W)
-    tensors). Predictions are made at each label's size with the given inference mode (see
-    `predict_scores`), so the metric is computed at full resolution, as the paper reports it.
-
-    In a distributed run every process must be given a disjoint part of the data (no padding
-    duplicates: shard the dataset, or let `accelerator.prepare` split the loader with
-    `even_batches=False`); the metric then sums its statistics across processes, so all processes
-    return the same result. The model's training mode is restored on return.
-    """
-    from tqdm.auto import tqdm
-
-    from . import metrics as seg_metrics
-
-    metric = seg_metrics.create_metric(metric_backend, num_labels=num_labels, ignore_index=ignore_index)
-    network = accelerator.unwrap_model(model) if accelerator is not None else model
-    is_main_process = accelerator is None or accelerator.is_main_process
-    num_samples = 0
-    with _eval_mode(network):
-        for batch in tqdm(dataloader, desc="Evaluating", disable=not (show_progress and is_main_process)):
-            for pixel_values, labels in _same_size_groups(batch):
-                scores, are_probabilities = predict_scores(
-                    network,
-                    pixel_values,
-                    tuple(labels.shape[-2:]),
-                    mode=mode,
-                    crop_size=crop_size,
-                    stride=stride,
-                    scales=scales,
-                    flip=flip,
-                    size_divisor=size_divisor,
-                    average=average,
-                    window_batch_size=window_batch_size,
-                    autocast_dtype=autocast_dtype,
-                )
-                metric.update(scores_to_labels(scores, are_probabilities).cpu(), labels.cpu())
-                num_samples += len(labels)
-    results = metric.compute()
-    results["num_samples"] = _sum_over_processes(num_samples, accelerator)
-    return results
-
-
-def _same_size_groups(batch: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(pixel_values (b, 3, h, w), labels (b, H, W)) groups that can be predicted in one call."""
-    pixel_values, labels = batch["pixel_values"], batch["labels"]
-    if isinstance(pixel_values, torch.Tensor) and isinstance(labels, torch.Tensor):
-        yield pixel_values, labels
-        return
-    for image, label in zip(pixel_values, labels):
-        image = torch.as_tensor(image)
-        # (3, h, w) -> (1, 3, h, w); (H, W) -> (1, H, W)
-        yield (
-            (image if image.ndim == 4 else image.unsqueeze(0)),
-            torch.as_tensor(label).reshape(1, *label.shape[-2:]),
-        )
-
-
-def _sum_over_processes(count: int, accelerator: Any) -> int:
-    if accelerator is None or accelerator.num_processes == 1:
-        return count
-    total = accelerator.reduce(torch.tensor([count], device=accelerator.device), reduction="sum")
-    return int(total.item())
-
-
-def format_metrics_table(results: dict[str, Any], id2label: dict[int, str], title: str = "Evaluation") -> str:
-    """The overall metrics, then IoU and accuracy per class by name ("n/a": class absent from the labels)."""
-
-    def number(value: Any) -> str:
-        return (
-            "   n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:6.4f}"
-        )
-
-    names = [str(id2label.get(index, index)) for index in range(len(results["per_category_iou"]))]
-    name_width = max([len("class"), *map(len, names)])
-    lines = [
-        title,
-        f"  mean IoU          {number(results['mean_iou'])}",
-        f"  mean accuracy     {number(results['mean_accuracy'])}",
-        f"  overall accuracy  {number(results['overall_accuracy'])}",
-        "",
-        f"  {'class':<{name_width}}     IoU  accuracy",
-    ]
-    for name, iou, accuracy in zip(names, results["per_category_iou"], results["per_category_accuracy"]):
-        lines.append(f"  {name:<{name_width}}  {number(float(iou))}    {number(float(accuracy))}")
-    return "\n".join(lines)
-
-
 # Loading a model for inference ------------------------------------------------------------------------
 
 
@@ -528,8 +509,6 @@ def load_model_for_inference(
     checkpoint has no `preprocessor_config.json`, a default `SegformerImageProcessor` (ImageNet
     normalisation, 512x512 resize) stands in, with a note on stderr.
     """
-    import sys
-
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, SegformerImageProcessor
 
     import segformer_hf  # noqa: F401  (registers the segformer_hf model type with the Auto classes)
@@ -552,203 +531,3 @@ def load_model_for_inference(
     if device is not None:
         model.to(device)
     return model.eval(), image_processor
-
-
-# Visualisation ------------------------------------------------------------------------------------------
-
-
-def default_palette(num_labels: int) -> np.ndarray:
-    """A fixed, deterministic palette (num_labels, 3) uint8 with distinct colours for up to 256 classes.
-
-    It is the PASCAL VOC colour map: the bits of the class index are spread over the high bits of
-    R, G and B in turn, so neighbouring class ids get clearly different colours.
-    """
-    palette = np.zeros((num_labels, 3), dtype=np.uint8)
-    for label in range(num_labels):
-        value, red, green, blue = label, 0, 0, 0
-        for bit in range(7, -1, -1):
-            red |= (value & 1) << bit
-            green |= ((value >> 1) & 1) << bit
-            blue |= ((value >> 2) & 1) << bit
-            value >>= 3
-        palette[label] = red, green, blue
-    return palette
-
-
-def resolve_palette(
-    num_labels: int, config: Any = None, classes_file: str | os.PathLike | None = None
-) -> np.ndarray:
-    """The colours (num_labels, 3) uint8 to draw classes with.
-
-    The first source that has one wins: `classes_file` (a JSON with a "palette" or "palette_rgb" list,
-    like the bundled data's classes.json), the model config's `palette`/`palette_rgb` attribute, then
-    `default_palette`.
-
-    Raises:
-        ValueError: a palette has too few colours or a colour is not three values in 0..255.
-    """
-    if classes_file is not None:
-        with open(classes_file, encoding="utf-8") as handle:
-            payload = json.load(handle)
-        colours = payload.get("palette", payload.get("palette_rgb"))
-        if colours is None:
-            raise ValueError(f"{classes_file} has no 'palette' or 'palette_rgb' list")
-        return _checked_palette(colours, num_labels, str(classes_file))
-    for attribute in ("palette", "palette_rgb"):
-        colours = getattr(config, attribute, None) if config is not None else None
-        if colours is not None:
-            return _checked_palette(colours, num_labels, f"the model config's {attribute}")
-    return default_palette(num_labels)
-
-
-def _checked_palette(colours: Any, num_labels: int, source: str) -> np.ndarray:
-    palette = np.asarray(colours)
-    if palette.ndim != 2 or palette.shape[1] != 3 or not np.issubdtype(palette.dtype, np.integer):
-        raise ValueError(f"The palette in {source} must be a list of [R, G, B] integer triples")
-    if len(palette) < num_labels:
-        raise ValueError(f"The palette in {source} has {len(palette)} colours for {num_labels} classes")
-    if palette.min() < 0 or palette.max() > 255:
-        raise ValueError(f"The palette in {source} has values outside 0..255")
-    return palette[:num_labels].astype(np.uint8)
-
-
-def colorize(label_map: np.ndarray, palette: np.ndarray) -> Image.Image:
-    """A colour image of a label map (H, W).
-
-    With at most 256 classes it is a palette ("P" mode) image: it looks coloured in any viewer and
-    `np.asarray(Image.open(path))` still gives back the class ids exactly. Otherwise plain RGB.
-
-    Raises:
-        ValueError: the map holds a label without a palette colour.
-    """
-    label_map = np.asarray(label_map)
-    if label_map.size and (label_map.min() < 0 or label_map.max() >= len(palette)):
-        raise ValueError(
-            f"Label map values span {label_map.min()}..{label_map.max()}, but the palette has {len(palette)} colours"
-        )
-    if len(palette) <= 256:
-        image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-        image.putpalette(palette.astype(np.uint8).flatten().tolist())
-        return image
-    return Image.fromarray(palette[label_map])
-
-
-def overlay(
-    image: Image.Image, label_map: np.ndarray, palette: np.ndarray, alpha: float = 0.5
-) -> Image.Image:
-    """The image with its label map's colours alpha-blended on top (`alpha` is the mask's weight)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    rgb = image.convert("RGB")
-    mask = colorize(label_map, palette).convert("RGB")
-    if mask.size != rgb.size:
-        raise ValueError(f"Label map size {mask.size} differs from image size {rgb.size} (both as W x H)")
-    return Image.blend(rgb, mask, alpha)
-
-
-def render_legend(id2label: dict[int, str], palette: np.ndarray, swatch_size: int = 16) -> Image.Image:
-    """One row per class: a colour swatch and the class name (PIL's default font), white background."""
-    font = ImageFont.load_default()
-    padding = swatch_size // 2
-    row_height = swatch_size + padding
-    labels = [(index, str(id2label.get(index, index))) for index in range(len(palette))]
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max((measure.textbbox((0, 0), name, font=font)[2] for _, name in labels), default=0)
-    width = padding * 3 + swatch_size + text_width
-    height = padding + row_height * len(labels)
-    legend = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(legend)
-    for row, (index, name) in enumerate(labels):
-        top = padding + row * row_height
-        colour = tuple(int(value) for value in palette[index])
-        draw.rectangle(
-            [padding, top, padding + swatch_size - 1, top + swatch_size - 1], fill=colour, outline="black"
-        )
-        text_top = top + (swatch_size - measure.textbbox((0, 0), name, font=font)[3]) // 2
-        draw.text((padding * 2 + swatch_size, text_top), name, fill="black", font=font)
-    return legend
-
-
-def list_image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """The files named in `inputs`, directories expanded to their image files (by extension, sorted).
-
-    Raises:
-        FileNotFoundError: an input does not exist, or a directory holds no image files.
-    """
-    image_suffixes = {suffix.lower() for suffix in Image.registered_extensions()}
-    files = []
-    for entry in map(Path, inputs):
-        if entry.is_dir():
-            found = sorted(path for path in entry.iterdir() if path.suffix.lower() in image_suffixes)
-            if not found:
-                raise FileNotFoundError(f"No image files in directory {entry}")
-            files.extend(found)
-        elif entry.is_file():
-            files.append(entry)
-        else:
-            raise FileNotFoundError(f"No such file or directory: {entry}")
-    return files
-
-
-def verify_image_file(path: str | os.PathLike) -> None:
-    """Cheaply checks that `path` is an image PIL can read, without decoding all its pixels.
-
-    Raises:
-        ValueError: the file is not a readable image (the message names the file).
-    """
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable image: {error}") from error
-
-
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as RGB, fully decoded.
-
-    Raises:
-        ValueError: the file is not an image PIL can read (the message names the file).
-    """
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable image: {error}") from error
-
-
-# Writing files atomically ----------------------------------------------------------------------------------
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Calls `write(temporary_path)` then renames the file into place: readers never see half a file.
-
-    The temporary file sits in the destination directory (so the rename is atomic) and keeps the
-    destination's suffix (so writers such as PIL pick the right format); it is removed on failure.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """JSON with NaN written as null (strict JSON has no NaN), atomically."""
-    text = json.dumps(_nan_to_none(payload), indent=2, allow_nan=False) + "\n"
-    write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(item) for item in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-DEMO_DATA = REPO_ROOT / "data" / "camvid-demo"
+DEMO_DATA = REPO_ROOT / "segformer_hf" / "recipes" / "camvid-demo"
 
 
 @pytest.fixture(scope="session")

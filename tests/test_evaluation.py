@@ -1,4 +1,4 @@
-"""scripts/evaluate.py: a saved model on a dataset split, checked against predictions made by hand."""
+"""scripts/evaluate_model.py: a saved model on a dataset split, checked against predictions made by hand."""
 
 import json
 import subprocess
@@ -40,7 +40,7 @@ def saved_model(tmp_path_factory):
 def _evaluate(model_dir, output, *extra, launcher=(sys.executable,)):
     command = [
         *launcher,
-        "scripts/evaluate.py",
+        "scripts/evaluate_model.py",
         "--model", str(model_dir),
         "--data_dir", str(DEMO_DATA),
         "--split", "val",
@@ -114,7 +114,7 @@ def test_two_process_evaluation_equals_one_process(saved_model, tmp_path):
 def test_a_missing_split_is_a_clear_error(saved_model, tmp_path):
     model_dir, _ = saved_model
     result = subprocess.run(
-        [sys.executable, "scripts/evaluate.py", "--model", str(model_dir), "--data_dir", str(DEMO_DATA),
+        [sys.executable, "scripts/evaluate_model.py", "--model", str(model_dir), "--data_dir", str(DEMO_DATA),
          "--split", "test"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

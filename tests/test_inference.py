@@ -12,21 +12,17 @@ from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
+from segformer_hf.files import write_atomic, write_json_atomic
 from segformer_hf.inference import (
-    colorize,
-    default_palette,
-    overlay,
+    InferenceProtocol,
     predict_multiscale,
     predict_scores,
     predict_slide,
     predict_whole,
-    render_legend,
-    resolve_palette,
     scaled_image_size,
     segment,
-    write_atomic,
-    write_json_atomic,
 )
+from segformer_hf.visualization import colorize, default_palette, overlay, render_legend, resolve_palette
 
 NUM_LABELS = 5
 
@@ -153,8 +149,8 @@ def test_flip_on_a_mirror_symmetric_input_equals_no_flip():
     torch.manual_seed(4)
     half = torch.randn(1, 3, 32, 24)
     symmetric = torch.cat([half, half.flip(-1)], dim=-1)
-    flipped = predict_multiscale(mirror_equivariant, symmetric, [1.0], flip=True, average="logits")
-    plain = predict_multiscale(mirror_equivariant, symmetric, [1.0], flip=False, average="logits")
+    flipped = predict_multiscale(mirror_equivariant, symmetric, [1.0], flip=True)
+    plain = predict_multiscale(mirror_equivariant, symmetric, [1.0], flip=False)
     torch.testing.assert_close(flipped, plain)
 
 
@@ -164,16 +160,10 @@ def test_flip_averages_softmax_of_the_view_and_of_the_mirrored_view_mirrored_bac
         mirrored = upsample(model(pixel_values=images.flip(-1)).logits, images.shape[-2:]).flip(-1)
     expected_probabilities = (logits.softmax(1) + mirrored.softmax(1)) / 2
     torch.testing.assert_close(predict_multiscale(model, images, [1.0], flip=True), expected_probabilities)
-    torch.testing.assert_close(
-        predict_multiscale(model, images, [1.0], flip=True, average="logits"), (logits + mirrored) / 2
-    )
 
 
 def test_multiscale_with_scale_one_and_no_flip_equals_whole(model, images):
     whole = predict_whole(model, images, (50, 70))
-    torch.testing.assert_close(
-        predict_multiscale(model, images, [1.0], output_size=(50, 70), average="logits"), whole
-    )
     torch.testing.assert_close(
         predict_multiscale(model, images, [1.0], output_size=(50, 70)), whole.softmax(1)
     )
@@ -192,9 +182,8 @@ def test_multiscale_resizes_each_view_and_resizes_its_scores_back(model, images)
 
 def test_multiscale_slide_runs_the_sliding_window_on_each_scaled_view(model, images):
     expected = upsample(reference_slide(model, upsample(images, (96, 144)), (48, 48), (32, 32)), (64, 96))
-    actual = predict_multiscale(
-        model, images, [1.5], mode="slide", crop_size=48, stride=32, average="logits", window_batch_size=5
-    )
+    actual = predict_multiscale(model, images, [1.5], mode="slide", crop_size=48, stride=32, window_batch_size=5)
+    expected = expected.softmax(1)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -218,7 +207,7 @@ def test_aligned_resize_rounds_each_scaled_side_up_to_the_divisor():
 )
 def test_scores_always_have_the_requested_output_size(model, input_size, output_size, options):
     pixel_values = torch.randn(2, 3, *input_size)
-    scores, _ = predict_scores(model, pixel_values, output_size, **options)
+    scores, _ = predict_scores(model, pixel_values, output_size, InferenceProtocol(**options))
     assert scores.shape == (2, NUM_LABELS, *output_size)
     assert scores.dtype == torch.float32
 
@@ -272,7 +261,7 @@ def test_a_single_label_model_predicts_foreground_where_the_logit_is_positive():
     logits = predict_whole(binary, pixel_values)
     (label_map,) = segment(binary, (pixel_values[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
     assert set(np.unique(label_map)) <= {0, 1}
-    probabilities, are_probabilities = predict_scores(binary, pixel_values, flip=True)
+    probabilities, are_probabilities = predict_scores(binary, pixel_values, protocol=InferenceProtocol(flip=True))
     assert are_probabilities and probabilities.min() >= 0 and probabilities.max() <= 1
     assert logits.shape == (1, 1, 32, 32)
 

@@ -15,24 +15,19 @@ import torch
 from conftest import DEMO_DATA, REPO_ROOT
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
-from segformer_hf.training import (
-    TrainingConfig,
-    build_optimizer,
-    learning_rate_factor,
-    list_checkpoints,
-    load_config,
-    parse_args,
-)
+from segformer_hf.arguments import TrainingConfig, load_config, parse_args
+from segformer_hf.checkpointing import list_checkpoints
+from segformer_hf.optimization import build_optimizer, learning_rate_factor
 
 # A tiny but real run on the bundled data: few samples, small crops, few steps.
 SMALL_RUN = [
     "--max_train_samples", "8",
     "--max_eval_samples", "4",
-    "--crop_size", "[64,64]",
-    "--img_scale", "[120,90]",
+    "--crop_size", "64", "64",
+    "--img_scale", "120", "90",
     "--per_device_train_batch_size", "2",
     "--per_device_eval_batch_size", "2",
-    "--num_workers", "0",
+    "--dataloader_num_workers", "0",
     "--warmup_steps", "2",
     "--logging_steps", "1",
     "--report_to", "none",
@@ -69,6 +64,9 @@ def test_unknown_config_keys_are_errors_not_ignored(tmp_path):
     recipe.write_text("model_variant: b0\ndata_dir: x\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
         load_config(recipe)
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_args(["--config", str(recipe)])
+    recipe.write_text("model_variant: b0\ndata_dir: x\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(recipe), "--not_a_key", "1"])
 
@@ -81,13 +79,18 @@ def test_unknown_config_keys_are_errors_not_ignored(tmp_path):
         ({"ratio_range": [2.0, 0.5]}, "ratio_range"),
         ({"eval_mode": "slide", "eval_stride": [600, 600], "crop_size": [512, 512]}, "eval_stride"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
-        ({"warmup_steps": 10, "max_train_steps": 10}, "warmup_steps"),
         ({"learning_rate": "fast"}, "learning_rate"),
     ],
 )
 def test_impossible_values_are_rejected_before_any_work(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(None, {"data_dir": "somewhere", **override})
+        load_config(None, {"data_dir": "somewhere", "model_variant": "b0", **override})
+
+
+def test_a_warm_up_longer_than_a_short_run_is_shortened_with_a_warning(caplog):
+    config = load_config(None, {"data_dir": "somewhere", "model_variant": "b0", "warmup_steps": 1500, "max_train_steps": 12})
+    assert config.warmup_steps == 11
+    assert "warm-up shortened to 11 steps" in caplog.text
 
 
 def test_command_line_overrides_every_key_with_yaml_values():
@@ -98,7 +101,8 @@ def test_command_line_overrides_every_key_with_yaml_values():
             "--warmup_steps",
             "5",
             "--crop_size",
-            "[256,128]",
+            "256",
+            "128",
             "--init_from",
             "null",
             "--report_to",
@@ -109,7 +113,7 @@ def test_command_line_overrides_every_key_with_yaml_values():
     assert config.crop_size == [256, 128]
     assert config.init_from is None
     # Without --config the demo recipe is used.
-    assert config.data_dir == "data/camvid-demo"
+    assert Path(config.data_dir) == DEMO_DATA
 
 
 # Optimisation recipe ---------------------------------------------------------------------------------
@@ -229,11 +233,11 @@ def test_a_handful_of_images_is_overfitted(tmp_path):
             "--validation_split",
             "train",
             "--ratio_range",
-            "[1.0,1.0]",
+            "1.0", "1.0",
             "--img_scale",
-            "[96,72]",
+            "96", "72",
             "--crop_size",
-            "[72,96]",
+            "72", "96",
             "--flip_prob",
             "0.0",
             "--photometric_distortion",
@@ -465,7 +469,7 @@ def test_two_process_cpu_run_is_really_distributed_and_matches_one_process_metri
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["world_size"] == 2
     # Evaluate the same saved model in one process, with the same evaluation code path.
-    from segformer_hf.training import evaluate_saved_model
+    from segformer_hf.evaluation import evaluate_saved_model
 
     single = evaluate_saved_model(output_dir, overrides=[*SMALL_RUN, "--max_eval_samples", "5"])
     assert single["mean_iou"] == pytest.approx(results["eval_mean_iou"], abs=1e-6)

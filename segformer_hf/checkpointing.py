@@ -1,0 +1,156 @@
+"""What lets a run stop and continue: checkpoints written atomically, found again, and signals turned into a
+clean stop.
+
+A checkpoint is `output_dir/checkpoints/step_NNNNNNNN/`: Accelerate's model, optimiser and RNG states
+(safetensors, and tensors-only files that load with `weights_only=True`) plus `training_state.json` with
+the run's own state and the learning-rate schedule as JSON. Nothing in it is an unrestricted pickle, so
+resuming never runs code stored in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from .files import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+STATE_FILE = "training_state.json"
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must remember beyond model/optimiser/RNG (which Accelerate saves)."""
+
+    global_step: int = 0
+    best_mean_iou: float | None = None
+    best_step: int | None = None
+    skipped_samples: int = 0
+    skipped_nonfinite_steps: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `output_dir/checkpoints`, oldest first (temporary dirs are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
+
+
+def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
+    """`latest` -> newest complete checkpoint in the output dir; otherwise a path that must exist."""
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints"
+            )
+        return checkpoints[-1]
+    path = Path(spec)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{spec} is not a complete segformer_hf checkpoint (no {STATE_FILE})")
+    return path
+
+
+def remove_unfinished_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Deletes `.tmp-step_*` directories a killed run left behind (they were never complete)."""
+    root = Path(output_dir) / "checkpoints"
+    for leftover in root.glob(".tmp-step_*") if root.is_dir() else []:
+        logger.info("Removing the unfinished checkpoint %s", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    state: dict[str, Any],
+    limit: int | None,
+) -> Path:
+    """Saves the full training state atomically: write into a temp dir, then rename.
+
+    A kill at any moment leaves either the previous checkpoints alone or the new one complete.
+    """
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    temporary = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(temporary / STATE_FILE, state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if limit is not None:
+            for old in list_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoint_payload(
+    state: RunState, scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON part of a checkpoint: run state, schedule position, and the config that made the run."""
+    schedule = {key: value for key, value in scheduler.state_dict().items() if key != "lr_lambdas"}
+    return {"run_state": dataclasses.asdict(state), "scheduler": schedule, "config": config}
+
+
+def read_checkpoint_payload(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, payload: dict[str, Any]) -> None:
+    """Puts the schedule back where the checkpoint left it (stored as JSON, never as a pickle)."""
+    scheduler.load_state_dict({**payload["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+
+
+class InterruptFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries, so the run can save and exit.
+
+    A second signal restores the default handler behaviour (immediate stop).
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> InterruptFlag:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def raised(self) -> bool:
+        return self.signal_name is not None
