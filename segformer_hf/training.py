@@ -430,6 +430,7 @@ def ensure_wandb_does_not_prompt() -> None:
 def build_model(config: TrainingConfig, id2label: dict[int, str]):
     """The model to train: a published variant from scratch, or any `from_reference` source."""
     from .configuration_segformer_hf import SegformerHFConfig
+    from .conversion import from_reference
     from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 
     label_fields = {
@@ -444,7 +445,7 @@ def build_model(config: TrainingConfig, id2label: dict[int, str]):
         return SegformerHFForSemanticSegmentation(
             SegformerHFConfig.from_variant(config.model_variant, **label_fields)
         )
-    return SegformerHFForSemanticSegmentation.from_reference(
+    return from_reference(
         config.init_from, ignore_mismatched_sizes=config.ignore_mismatched_sizes, **label_fields
     )
 
