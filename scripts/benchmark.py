@@ -46,9 +46,9 @@ import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForSemanticSegmentation  # noqa: E402
 
-from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation  # noqa: E402
+from segformer_hf import SegformerHFConfig  # noqa: E402
 from segformer_hf.configuration_segformer_hf import VARIANTS  # noqa: E402
-from segformer_hf.conversion import transformers_config  # noqa: E402
+from segformer_hf.conversion import from_reference, transformers_config  # noqa: E402
 from segformer_hf.files import write_json_atomic  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -104,7 +104,7 @@ def build_models(variant: str, num_labels: int, seed: int) -> dict[str, nn.Modul
     reference = AutoModelForSemanticSegmentation.from_config(
         transformers_config(config), attn_implementation="sdpa"
     )
-    ours = SegformerHFForSemanticSegmentation.from_reference(reference)
+    ours = from_reference(reference)
     return {"ours": ours, "transformers": reference}
 
 

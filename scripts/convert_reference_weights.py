@@ -35,6 +35,8 @@ from segformer_hf import (
     SegformerHFForSemanticSegmentation,
     SegformerHFModel,
     SegformerHFPreTrainedModel,
+    from_reference,
+    to_transformers,
 )
 
 TASKS = {
@@ -147,14 +149,14 @@ def transformers_reference(
 
     A transformers-format source is loaded by transformers itself, independently of our converter; an
     NVlabs file is something transformers cannot read, so our converted weights go through
-    `to_transformers()` and the comparison checks the implementation rather than the key mapping.
+    `to_transformers` and the comparison checks the implementation rather than the key mapping.
     """
     if is_local_file(args.source):
-        return model.to_transformers(), True
+        return to_transformers(model), True
     config_path = Path(args.source) / "config.json"
     if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") != "segformer":
         # Already segformer_hf's own format: nothing for transformers to read independently.
-        return model.to_transformers(), True
+        return to_transformers(model), True
     import transformers
 
     reference_class = getattr(transformers, TASKS[args.task][1])
@@ -242,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_class = TASKS[args.task][0]
     overrides = label_overrides(args)
-    model = model_class.from_reference(
+    model = from_reference(
         args.source,
+        model_class,
         revision=args.revision,
         ignore_mismatched_sizes=args.ignore_mismatched_sizes,
         **overrides,

@@ -2,18 +2,18 @@
 
 Importing the package registers the config and models with transformers' Auto classes, and marks
 them for remote code, so `save_pretrained` writes an `auto_map` and the two source files that let
-`AutoModelForSemanticSegmentation.from_pretrained(path, trust_remote_code=True)` work anywhere.
+`AutoModelForSemanticSegmentation.from_pretrained(path, trust_remote_code=True)` (or `AutoModel`,
+`AutoModelForImageClassification`) work anywhere. Reference weights come in through `from_reference`
+and go back to transformers' own classes through `to_transformers` (both in `segformer_hf.conversion`).
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForSemanticSegmentation,
-)
+import transformers
+from transformers import AutoConfig
 
 from .configuration_segformer_hf import VARIANTS, SegformerHFConfig
+from .conversion import from_reference, to_transformers
 from .modeling_segformer_hf import (
+    AUTO_CLASSES,
     SegformerHFForImageClassification,
     SegformerHFForSemanticSegmentation,
     SegformerHFModel,
@@ -22,17 +22,16 @@ from .modeling_segformer_hf import (
 
 __version__ = "0.1.0"
 
-AutoConfig.register(SegformerHFConfig.model_type, SegformerHFConfig, exist_ok=True)
-AutoModel.register(SegformerHFConfig, SegformerHFModel, exist_ok=True)
-AutoModelForSemanticSegmentation.register(
-    SegformerHFConfig, SegformerHFForSemanticSegmentation, exist_ok=True
-)
-AutoModelForImageClassification.register(SegformerHFConfig, SegformerHFForImageClassification, exist_ok=True)
 
-SegformerHFConfig.register_for_auto_class()
-SegformerHFModel.register_for_auto_class("AutoModel")
-SegformerHFForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-SegformerHFForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+def _register_with_auto_classes() -> None:
+    AutoConfig.register(SegformerHFConfig.model_type, SegformerHFConfig, exist_ok=True)
+    SegformerHFConfig.register_for_auto_class()
+    for auto_class, model_class in AUTO_CLASSES.items():
+        getattr(transformers, auto_class).register(SegformerHFConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class)
+
+
+_register_with_auto_classes()
 
 __all__ = [
     "VARIANTS",
@@ -41,4 +40,6 @@ __all__ = [
     "SegformerHFForSemanticSegmentation",
     "SegformerHFModel",
     "SegformerHFPreTrainedModel",
+    "from_reference",
+    "to_transformers",
 ]

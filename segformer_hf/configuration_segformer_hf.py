@@ -128,5 +128,19 @@ class SegformerHFConfig(PretrainedConfig):
             raise ValueError(f"Unknown SegFormer variant {name!r}; valid variants are {', '.join(VARIANTS)}.")
         return cls(**{**VARIANTS[key], "variant": key, **overrides})
 
+    @staticmethod
+    def variant_for_sizes(
+        hidden_sizes: list[int] | tuple[int, ...], depths: list[int] | tuple[int, ...]
+    ) -> str | None:
+        """The published MiT variant with these stage widths and depths, or None for a custom encoder.
+
+        Widths and depths are what tell the six encoders apart, and both can be read off a checkpoint's
+        tensors, so this names checkpoints that come without a config as well as those that have one.
+        """
+        for name, sizes in VARIANTS.items():
+            if list(sizes["hidden_sizes"]) == list(hidden_sizes) and list(sizes["depths"]) == list(depths):
+                return name
+        return None
+
 
 __all__ = ["SegformerHFConfig", "VARIANTS"]

@@ -1,6 +1,11 @@
 """Loading reference SegFormer weights into segformer_hf, and exporting back to transformers.
 
-Three foreign key layouts are understood, each mapped by a table of regex renames to ours:
+`from_reference(source)` builds one of our models from a reference checkpoint; `to_transformers(model)`
+returns transformers' own class with our weights. This lives apart from the model files on purpose: they
+travel to the Hub as remote code, where conversion is neither needed nor importable.
+
+Three foreign key layouts are understood, each mapped by a table of renames to ours (exporting uses the
+same transformers table read backwards):
 
 * transformers' checkpoint files (`segformer.encoder.block.0.0.attention.self.query.weight`, ...): the
   layout of every nvidia/* Hub repo and of what transformers 5.x still writes on save;
@@ -29,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .configuration_segformer_hf import VARIANTS, SegformerHFConfig
+from .configuration_segformer_hf import SegformerHFConfig
 from .modeling_segformer_hf import (
     SegformerHFForImageClassification,
     SegformerHFForSemanticSegmentation,
@@ -41,31 +46,47 @@ logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-# transformers checkpoint names -> ours. Block-level renames apply anywhere in a key.
-_TRANSFORMERS_FILE_TO_OURS = [
+# transformers' checkpoint names <-> ours: one (theirs, ours) pair of templates per rename, read in both
+# directions. `{stage}` and `{layer}` stand for an index; a template that starts with a dot renames a part
+# anywhere in a key, any other renames the key's beginning.
+_TRANSFORMERS_FILE_NAMES = [
     (
-        r"^segformer\.encoder\.patch_embeddings\.(\d+)\.proj\.",
-        r"segformer.stages.\1.patch_embeddings.projection.",
+        "segformer.encoder.patch_embeddings.{stage}.proj.",
+        "segformer.stages.{stage}.patch_embeddings.projection.",
     ),
     (
-        r"^segformer\.encoder\.patch_embeddings\.(\d+)\.layer_norm\.",
-        r"segformer.stages.\1.patch_embeddings.layer_norm.",
+        "segformer.encoder.patch_embeddings.{stage}.layer_norm.",
+        "segformer.stages.{stage}.patch_embeddings.layer_norm.",
     ),
-    (r"^segformer\.encoder\.block\.(\d+)\.(\d+)\.", r"segformer.stages.\1.layers.\2."),
-    (r"^segformer\.encoder\.layer_norm\.(\d+)\.", r"segformer.stages.\1.layer_norm."),
-    (r"\.layer_norm_1\.", ".attention_norm."),
-    (r"\.layer_norm_2\.", ".mlp_norm."),
-    (r"\.attention\.self\.query\.", ".attention.query."),
-    (r"\.attention\.self\.key\.", ".attention.key."),
-    (r"\.attention\.self\.value\.", ".attention.value."),
-    (r"\.attention\.self\.sr\.", ".attention.reduction.conv."),
-    (r"\.attention\.self\.layer_norm\.", ".attention.reduction.layer_norm."),
-    (r"\.attention\.output\.dense\.", ".attention.output."),
-    (r"\.mlp\.dense1\.", ".mix_ffn.fc1."),
-    (r"\.mlp\.dwconv\.dwconv\.", ".mix_ffn.depthwise_conv."),
-    (r"\.mlp\.dense2\.", ".mix_ffn.fc2."),
-    (r"^decode_head\.linear_c\.(\d+)\.proj\.", r"decode_head.stage_projections.\1."),
-    (r"^decode_head\.linear_fuse\.", "decode_head.fuse."),
+    ("segformer.encoder.block.{stage}.{layer}.", "segformer.stages.{stage}.layers.{layer}."),
+    ("segformer.encoder.layer_norm.{stage}.", "segformer.stages.{stage}.layer_norm."),
+    (".layer_norm_1.", ".attention_norm."),
+    (".layer_norm_2.", ".mlp_norm."),
+    (".attention.self.query.", ".attention.query."),
+    (".attention.self.key.", ".attention.key."),
+    (".attention.self.value.", ".attention.value."),
+    (".attention.self.sr.", ".attention.reduction.conv."),
+    (".attention.self.layer_norm.", ".attention.reduction.layer_norm."),
+    (".attention.output.dense.", ".attention.output."),
+    (".mlp.dense1.", ".mix_ffn.fc1."),
+    (".mlp.dwconv.dwconv.", ".mix_ffn.depthwise_conv."),
+    (".mlp.dense2.", ".mix_ffn.fc2."),
+    ("decode_head.linear_c.{stage}.proj.", "decode_head.stage_projections.{stage}."),
+    ("decode_head.linear_fuse.", "decode_head.fuse."),
+]
+
+
+def _rename_rule(source: str, target: str) -> tuple[str, str]:
+    """A template pair as a (pattern, replacement) rule: each `{name}` matches an index and carries it over."""
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(source))
+    anchor = "" if source.startswith(".") else "^"
+    return anchor + pattern, re.sub(r"\{(\w+)\}", r"\\g<\1>", target)
+
+
+_TRANSFORMERS_FILE_TO_OURS = [_rename_rule(theirs, ours) for theirs, ours in _TRANSFORMERS_FILE_NAMES]
+# The inverse composes the inverse renames in reverse order.
+_OURS_TO_TRANSFORMERS_FILE = [
+    _rename_rule(ours, theirs) for theirs, ours in reversed(_TRANSFORMERS_FILE_NAMES)
 ]
 
 # transformers 5.x module names (a live model's state_dict) -> its checkpoint names.
@@ -110,33 +131,6 @@ _NVLABS_TO_OURS = [
 ]
 # mmseg's BaseDecodeHead always builds `conv_seg`; SegFormer's head never uses it.
 _NVLABS_KNOWN_UNUSED = re.compile(r"^decode_head\.conv_seg\.")
-
-# ours -> transformers checkpoint names: the inverse of _TRANSFORMERS_FILE_TO_OURS.
-_OURS_TO_TRANSFORMERS_FILE = [
-    (
-        r"^segformer\.stages\.(\d+)\.patch_embeddings\.projection\.",
-        r"segformer.encoder.patch_embeddings.\1.proj.",
-    ),
-    (
-        r"^segformer\.stages\.(\d+)\.patch_embeddings\.layer_norm\.",
-        r"segformer.encoder.patch_embeddings.\1.layer_norm.",
-    ),
-    (r"^segformer\.stages\.(\d+)\.layers\.(\d+)\.", r"segformer.encoder.block.\1.\2."),
-    (r"^segformer\.stages\.(\d+)\.layer_norm\.", r"segformer.encoder.layer_norm.\1."),
-    (r"\.attention_norm\.", ".layer_norm_1."),
-    (r"\.mlp_norm\.", ".layer_norm_2."),
-    (r"\.attention\.query\.", ".attention.self.query."),
-    (r"\.attention\.key\.", ".attention.self.key."),
-    (r"\.attention\.value\.", ".attention.self.value."),
-    (r"\.attention\.reduction\.conv\.", ".attention.self.sr."),
-    (r"\.attention\.reduction\.layer_norm\.", ".attention.self.layer_norm."),
-    (r"\.attention\.output\.", ".attention.output.dense."),
-    (r"\.mix_ffn\.fc1\.", ".mlp.dense1."),
-    (r"\.mix_ffn\.depthwise_conv\.", ".mlp.dwconv.dwconv."),
-    (r"\.mix_ffn\.fc2\.", ".mlp.dense2."),
-    (r"^decode_head\.stage_projections\.(\d+)\.", r"decode_head.linear_c.\1.proj."),
-    (r"^decode_head\.fuse\.", "decode_head.linear_fuse."),
-]
 
 # Architecture fields that transformers' SegformerConfig and ours share by name.
 _SHARED_CONFIG_FIELDS = (
@@ -270,16 +264,6 @@ def to_transformers_state_dict(state_dict: StateDict) -> StateDict:
     return renamed
 
 
-def infer_config_from_state_dict(state_dict: StateDict, **overrides: Any) -> SegformerHFConfig:
-    """Reads the architecture off tensor shapes, for checkpoints that come without a config.
-
-    Widths, depths, kernel sizes, reduction and MLP ratios, the decoder width and the number of labels
-    are all visible in the weights. Head counts and strides are not: the published MiT values
-    (1/2/5/8 heads, strides 4/2/2/2) are assumed unless given in `overrides`.
-    """
-    return SegformerHFConfig(**{**_fields_from_shapes(state_dict), **overrides})
-
-
 def _fields_from_shapes(state_dict: StateDict) -> dict[str, Any]:
     stage_indices = sorted(
         {
@@ -321,23 +305,8 @@ def _fields_from_shapes(state_dict: StateDict) -> dict[str, Any]:
     classifier = state_dict.get("decode_head.classifier.weight", state_dict.get("classifier.weight"))
     if classifier is not None:
         fields["num_labels"] = classifier.shape[0]
-    for name, sizes in VARIANTS.items():
-        if (
-            list(sizes["hidden_sizes"]) == fields["hidden_sizes"]
-            and list(sizes["depths"]) == fields["depths"]
-        ):
-            fields["variant"] = name
+    fields["variant"] = SegformerHFConfig.variant_for_sizes(fields["hidden_sizes"], fields["depths"])
     return fields
-
-
-def config_from_transformers(reference_config: Any, **overrides: Any) -> SegformerHFConfig:
-    """Builds our config from transformers' SegformerConfig (object or dict), labels included.
-
-    `layer_norm_eps` is not carried over: transformers' modules ignore it and use PyTorch's 1e-5,
-    which is our default.
-    """
-    values = reference_config if isinstance(reference_config, dict) else reference_config.to_dict()
-    return SegformerHFConfig(**{**_fields_from_transformers(values), **overrides})
 
 
 def _fields_from_transformers(values: dict) -> dict[str, Any]:
@@ -345,11 +314,9 @@ def _fields_from_transformers(values: dict) -> dict[str, Any]:
     if values.get("id2label"):
         fields["id2label"] = {int(k): v for k, v in values["id2label"].items()}
         fields["label2id"] = {v: int(k) for k, v in values["id2label"].items()}
-    for name, sizes in VARIANTS.items():
-        if list(sizes["hidden_sizes"]) == list(fields.get("hidden_sizes", ())) and list(
-            sizes["depths"]
-        ) == list(fields.get("depths", ())):
-            fields["variant"] = name
+    fields["variant"] = SegformerHFConfig.variant_for_sizes(
+        fields.get("hidden_sizes", ()), fields.get("depths", ())
+    )
     return fields
 
 
@@ -437,10 +404,6 @@ def read_reference(source: Any, revision: str | None = None) -> tuple[StateDict,
     raise ReferenceLoadError(f"{source!r} is neither an existing file or directory nor a Hub repo id.")
 
 
-def _target_prefix(model: SegformerHFPreTrainedModel) -> str:
-    return "" if isinstance(model, SegformerHFModel) else "segformer."
-
-
 def _component(key: str) -> str:
     if key.startswith("segformer.") or key.startswith("stages."):
         return "encoder"
@@ -519,22 +482,23 @@ def load_state_dict_strictly(
     return {"newly_initialized": newly_initialized, "dropped": sorted(dropped)}
 
 
-def load_reference(
-    model_class: type[SegformerHFPreTrainedModel],
+def from_reference(
     source: Any,
-    revision: str | None = None,
+    model_class: type[SegformerHFPreTrainedModel] = SegformerHFForSemanticSegmentation,
+    *,
     ignore_mismatched_sizes: bool = False,
+    revision: str | None = None,
     **config_overrides: Any,
 ) -> SegformerHFPreTrainedModel:
     """Builds `model_class` from a reference SegFormer checkpoint, strictly (see module docstring).
 
     Args:
-        model_class: one of our model classes.
         source: Hub repo id, local directory (transformers or segformer_hf format), `.pth`/`.bin`/
             `.safetensors` file (transformers or NVlabs/mmseg layout), a state dict, or a live
             transformers Segformer model.
-        revision: Hub revision, for repo ids.
+        model_class: one of our model classes; the semantic-segmentation model unless told otherwise.
         ignore_mismatched_sizes: start a new classifier when the label count differs.
+        revision: Hub revision, for repo ids.
         **config_overrides: config fields to set (e.g. `num_labels`, `id2label`, `drop_path_rate`).
     """
     state_dict, reference_config = read_reference(source, revision=revision)
@@ -626,9 +590,7 @@ def _invert_module_names(file_named: StateDict, module_keys: Iterable[str]) -> S
 
 __all__ = [
     "ReferenceLoadError",
-    "config_from_transformers",
-    "infer_config_from_state_dict",
-    "load_reference",
+    "from_reference",
     "load_state_dict_strictly",
     "read_reference",
     "to_our_state_dict",

@@ -39,7 +39,8 @@ try:  # the HTTP client huggingface_hub is built on: httpx2 (exported under this
 except ImportError:
     import httpx as hub_http
 
-from .configuration_segformer_hf import VARIANTS
+from .configuration_segformer_hf import SegformerHFConfig
+from .conversion import to_transformers
 from .files import write_atomic
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 
@@ -228,9 +229,11 @@ def _variant_name(model_config: dict, training: dict) -> str | None:
     """The MiT variant: recorded in the config, else recognised from its sizes, else the recipe's."""
     if model_config.get("variant"):
         return str(model_config["variant"])
-    for name, sizes in VARIANTS.items():
-        if all(list(model_config.get(key, ())) == list(value) for key, value in sizes.items()):
-            return name
+    recognised = SegformerHFConfig.variant_for_sizes(
+        model_config.get("hidden_sizes", ()), model_config.get("depths", ())
+    )
+    if recognised:
+        return recognised
     return training.get("model_variant") if not training.get("init_from") else None
 
 
@@ -532,7 +535,7 @@ def prepare_upload_folder(
         raise FileNotFoundError(f"{output_dir} lacks {', '.join(missing)}, needed for the {format} format.")
     destination.mkdir(parents=True, exist_ok=True)
     if format == "transformers":
-        model = SegformerHFForSemanticSegmentation.from_pretrained(output_dir).to_transformers()
+        model = to_transformers(SegformerHFForSemanticSegmentation.from_pretrained(output_dir))
         model.save_pretrained(destination, safe_serialization=True)
     for name in required + optional:
         if (output_dir / name).is_file():

@@ -20,8 +20,9 @@ decoder's cost. The rest, each measured with scripts/benchmark.py:
 
 from __future__ import annotations
 
-import importlib
 import math
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -264,18 +265,17 @@ class SegformerHFPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
 
-    @classmethod
-    def from_reference(cls, source, **config_overrides):
-        """Loads an official or transformers-format SegFormer checkpoint (see `segformer_hf.conversion`).
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Saves as transformers does, with every SegFormer class in config.json's `auto_map`.
 
-        `source` is a Hub repo id, a local directory, an NVlabs/mmseg `.pth` file or an in-memory
-        transformers Segformer model. Needs the segformer_hf package (not only this remote-code file).
+        transformers lists only the saved class there, so a segmentation checkpoint shared as remote code
+        would not load through `AutoModel` (its encoder) or `AutoModelForImageClassification`. The other
+        entries are only added when transformers ships the code files along (a class registered for an
+        Auto class), so the map never points at files that are not there.
         """
-        return _conversion_module().load_reference(cls, source, **config_overrides)
-
-    def to_transformers(self):
-        """Returns transformers' own `Segformer*` model with identical weights and outputs."""
-        return _conversion_module().to_transformers(self)
+        if self.is_remote_code():
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_auto_map()}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class SegformerHFModel(SegformerHFPreTrainedModel):
@@ -586,25 +586,35 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         return coarse.mul_(grad_loss / valid_count.clamp(min=1)), None, None, None
 
 
-def _conversion_module():
-    """segformer_hf's conversion code, imported lazily by name.
-
-    A plain import statement would make transformers' remote-code loader demand the segformer_hf
-    package from users who only want to run a shared model.
-    """
-    try:
-        return importlib.import_module("segformer_hf.conversion")
-    except ImportError as error:
-        raise ImportError(
-            "from_reference/to_transformers need the segformer_hf package: pip install segformer_hf"
-        ) from error
-
-
 def _resolve(value: bool | None, default: bool) -> bool:
     return default if value is None else value
 
 
+# The Auto class each model answers to: segformer_hf/__init__.py registers the classes from this table,
+# and `save_pretrained` lists them all in `auto_map`.
+AUTO_CLASSES: dict[str, type[SegformerHFPreTrainedModel]] = {
+    "AutoModel": SegformerHFModel,
+    "AutoModelForSemanticSegmentation": SegformerHFForSemanticSegmentation,
+    "AutoModelForImageClassification": SegformerHFForImageClassification,
+}
+
+
+def _auto_map() -> dict[str, str]:
+    """`auto_map` entries naming the classes by file and class name, as remote code looks them up.
+
+    The file names come from the modules themselves, which keep their names when transformers loads
+    them as remote code (`transformers_modules.<hash>.modeling_segformer_hf`).
+    """
+    config_file = SegformerHFConfig.__module__.rsplit(".", 1)[-1]
+    model_file = __name__.rsplit(".", 1)[-1]
+    return {
+        "AutoConfig": f"{config_file}.{SegformerHFConfig.__name__}",
+        **{auto_class: f"{model_file}.{cls.__name__}" for auto_class, cls in AUTO_CLASSES.items()},
+    }
+
+
 __all__ = [
+    "AUTO_CLASSES",
     "SegformerHFDecodeHead",
     "SegformerHFForImageClassification",
     "SegformerHFForSemanticSegmentation",

@@ -32,7 +32,13 @@ from segformer_hf import (
     SegformerHFForSemanticSegmentation,
     SegformerHFModel,
 )
-from segformer_hf.conversion import ReferenceLoadError, read_checkpoint_file, to_our_state_dict
+from segformer_hf.conversion import (
+    ReferenceLoadError,
+    from_reference,
+    read_checkpoint_file,
+    to_our_state_dict,
+    to_transformers,
+)
 
 # Published MiT sizes (Xie et al. 2021): widths, depths and decoder width; heads 1/2/5/8 etc. are defaults.
 VARIANTS = {
@@ -261,7 +267,7 @@ def test_transformers_checkpoint_gives_transformers_outputs(variant, head, tmp_p
     # The file holds transformers' checkpoint names (what every nvidia/* repo has), not its module names.
     assert any(".attention.self.query." in key for key in load_file(tmp_path / "model.safetensors"))
 
-    ours = HEADS[head][1].from_reference(tmp_path).eval()
+    ours = from_reference(tmp_path, HEADS[head][1]).eval()
     assert_same_architecture(ours.config, reference.config)
     assert ours.config.variant == variant
     assert ours.config.id2label == reference.config.id2label
@@ -363,7 +369,7 @@ def test_nvlabs_mmseg_checkpoint_gives_transformers_logits_with_inferred_archite
     torch.save({"meta": {"mmseg_version": "0.11.0", "iter": 160000}, "state_dict": state_dict}, path)
 
     with caplog.at_level(logging.INFO, logger="segformer_hf.conversion"):
-        ours = SegformerHFForSemanticSegmentation.from_reference(path).eval()
+        ours = from_reference(path).eval()
     assert "decode_head.conv_seg" in caplog.text
     # No config in the file: the architecture is read off the tensor shapes.
     assert_same_architecture(ours.config, reference.config)
@@ -380,7 +386,7 @@ def test_mit_imagenet_checkpoint_loads_into_the_image_classifier(tmp_path):
     path = tmp_path / "mit_b1.pth"
     torch.save(state_dict, path)
 
-    ours = SegformerHFForImageClassification.from_reference(path).eval()
+    ours = from_reference(path, SegformerHFForImageClassification).eval()
     assert ours.config.num_labels == 1000
     torch.manual_seed(0)
     assert_same_outputs(ours, reference, torch.randn(2, 3, 64, 96), "MiT ImageNet classifier")
@@ -396,7 +402,7 @@ def test_mit_imagenet_checkpoint_into_segmentation_keeps_the_encoder_and_starts_
     )
 
     with caplog.at_level(logging.WARNING, logger="segformer_hf.conversion"):
-        ours = SegformerHFForSemanticSegmentation.from_reference(path, num_labels=11).eval()
+        ours = from_reference(path, num_labels=11).eval()
     assert "Newly initialised" in caplog.text and "decode_head" in caplog.text
     assert ours.config.num_labels == 11 and len(ours.config.id2label) == 11
     torch.manual_seed(0)
@@ -447,7 +453,7 @@ def test_missing_encoder_tensor_is_an_error_naming_it(small_checkpoint, tmp_path
     with pytest.raises(
         ReferenceLoadError, match=r"missing \(1\).*segformer\.stages\.1\.layers\.0\.mix_ffn\.fc1"
     ):
-        SegformerHFForSemanticSegmentation.from_reference(_write_checkpoint(tmp_path / "c", broken, config))
+        from_reference(_write_checkpoint(tmp_path / "c", broken, config))
 
 
 def test_unknown_extra_tensor_is_an_error_naming_it(small_checkpoint, tmp_path):
@@ -457,9 +463,7 @@ def test_unknown_extra_tensor_is_an_error_naming_it(small_checkpoint, tmp_path):
         with pytest.raises(
             ReferenceLoadError, match=r"unexpected \(1\).*rogue|unexpected \(1\).*auxiliary_head"
         ):
-            SegformerHFForSemanticSegmentation.from_reference(
-                _write_checkpoint(tmp_path / extra.split(".")[0], broken, config)
-            )
+            from_reference(_write_checkpoint(tmp_path / extra.split(".")[0], broken, config))
 
 
 def test_mis_shaped_tensor_is_an_error_naming_it_with_both_shapes(small_checkpoint, tmp_path):
@@ -468,14 +472,14 @@ def test_mis_shaped_tensor_is_an_error_naming_it_with_both_shapes(small_checkpoi
     with pytest.raises(
         ReferenceLoadError, match=r"segformer\.stages\.2\.layers\.0\.mix_ffn\.fc2\.bias.*161.*160"
     ):
-        SegformerHFForSemanticSegmentation.from_reference(_write_checkpoint(tmp_path / "c", broken, config))
+        from_reference(_write_checkpoint(tmp_path / "c", broken, config))
 
 
 def test_partial_decode_head_is_an_error(small_checkpoint, tmp_path):
     _, state_dict, config = small_checkpoint
     broken = {k: v for k, v in state_dict.items() if not k.startswith("decode_head.linear_c.2.")}
     with pytest.raises(ReferenceLoadError, match=r"decode_head\.stage_projections\.2\.weight"):
-        SegformerHFForSemanticSegmentation.from_reference(_write_checkpoint(tmp_path / "c", broken, config))
+        from_reference(_write_checkpoint(tmp_path / "c", broken, config))
 
 
 def test_classifier_of_another_size_needs_ignore_mismatched_sizes_and_then_gets_a_new_head(
@@ -484,11 +488,9 @@ def test_classifier_of_another_size_needs_ignore_mismatched_sizes_and_then_gets_
     reference, state_dict, config = small_checkpoint
     directory = _write_checkpoint(tmp_path / "c", state_dict, config)
     with pytest.raises(ReferenceLoadError, match="ignore_mismatched_sizes"):
-        SegformerHFForSemanticSegmentation.from_reference(directory, num_labels=3)
+        from_reference(directory, num_labels=3)
 
-    ours = SegformerHFForSemanticSegmentation.from_reference(
-        directory, num_labels=3, ignore_mismatched_sizes=True
-    ).eval()
+    ours = from_reference(directory, num_labels=3, ignore_mismatched_sizes=True).eval()
     assert ours.config.num_labels == 3 and ours.decode_head.classifier.weight.shape == (3, 256, 1, 1)
     # A fresh classifier (zero bias at initialisation); everything else exactly as in the file.
     assert torch.equal(ours.decode_head.classifier.bias, torch.zeros(3))
@@ -504,7 +506,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     torch.save({"state_dict": {"weight": torch.zeros(1)}, "payload": _ExecutesOnLoad(str(marker))}, path)
 
     with pytest.raises(ReferenceLoadError, match="malicious.pth"):
-        SegformerHFForSemanticSegmentation.from_reference(path)
+        from_reference(path)
     with pytest.raises(ReferenceLoadError, match="weights-only"):
         read_checkpoint_file(path)
     assert not marker.exists()
@@ -541,14 +543,14 @@ def test_to_transformers_round_trips_bit_exactly_with_equal_outputs_and_labels(h
         "b0", depths=[1, 2, 1, 1], id2label=id2label, label2id={v: k for k, v in id2label.items()}
     )
     ours = randomize_(our_class(config), seed=8).eval()
-    exported = ours.to_transformers()
+    exported = to_transformers(ours)
     assert type(exported) is transformers_class
     assert exported.config.id2label == id2label and exported.config.label2id == ours.config.label2id
     assert not exported.training
     torch.manual_seed(0)
     assert_same_outputs(ours, exported.eval(), torch.randn(2, 3, 67, 93), f"to_transformers {head}")
 
-    back = our_class.from_reference(exported)
+    back = from_reference(exported, our_class)
     assert back.config.id2label == id2label and back.config.label2id == ours.config.label2id
     original, returned = ours.state_dict(), back.state_dict()
     assert original.keys() == returned.keys()
@@ -561,7 +563,7 @@ def test_transformers_labels_carry_over_to_ours(tmp_path):
     reference.config.id2label = {index: name for index, name in enumerate("abcdefg")}
     reference.config.label2id = {name: index for index, name in reference.config.id2label.items()}
     reference.save_pretrained(tmp_path)
-    ours = SegformerHFForSemanticSegmentation.from_reference(tmp_path)
+    ours = from_reference(tmp_path)
     assert ours.config.id2label == reference.config.id2label
     assert ours.config.label2id == reference.config.label2id
 
@@ -569,7 +571,7 @@ def test_transformers_labels_carry_over_to_ours(tmp_path):
 def test_our_saved_model_loads_back_through_from_reference(tmp_path):
     ours = randomize_(SegformerHFForSemanticSegmentation(SegformerHFConfig(depths=[1, 1, 1, 1])), seed=10)
     ours.save_pretrained(tmp_path)
-    back = SegformerHFForSemanticSegmentation.from_reference(tmp_path)
+    back = from_reference(tmp_path)
     for name, tensor in ours.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
 

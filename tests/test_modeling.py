@@ -36,6 +36,7 @@ from segformer_hf import (
     SegformerHFForImageClassification,
     SegformerHFForSemanticSegmentation,
     SegformerHFModel,
+    to_transformers,
 )
 
 # Xie et al. 2021, "SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers",
@@ -216,7 +217,7 @@ def test_output_hidden_states_are_the_four_stage_maps(model_class, labels):
 def test_return_dict_false_returns_the_tuple_transformers_returns(model_class):
     torch.manual_seed(0)
     model = model_class(_tiny(num_labels=3)).eval()
-    reference = model.to_transformers().eval()
+    reference = to_transformers(model).eval()
     pixel_values = torch.randn(2, 3, 64, 96)
     labels = {
         SegformerHFForSemanticSegmentation: {"labels": torch.randint(0, 3, (2, 64, 96))},
@@ -425,6 +426,15 @@ def saved_model(tmp_path_factory):
     return model, directory
 
 
+# What config.json must list so that every Auto class finds its segformer_hf class as remote code.
+EXPECTED_AUTO_MAP = {
+    "AutoConfig": "configuration_segformer_hf.SegformerHFConfig",
+    "AutoModel": "modeling_segformer_hf.SegformerHFModel",
+    "AutoModelForSemanticSegmentation": "modeling_segformer_hf.SegformerHFForSemanticSegmentation",
+    "AutoModelForImageClassification": "modeling_segformer_hf.SegformerHFForImageClassification",
+}
+
+
 def test_save_pretrained_writes_weights_config_with_auto_map_and_the_source_files(saved_model):
     _, directory = saved_model
     names = {path.name for path in directory.iterdir()}
@@ -436,13 +446,16 @@ def test_save_pretrained_writes_weights_config_with_auto_map_and_the_source_file
     } <= names
     config = json.loads((directory / "config.json").read_text())
     assert config["model_type"] == "segformer_hf"
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_segformer_hf.SegformerHFConfig",
-        "AutoModelForSemanticSegmentation": "modeling_segformer_hf.SegformerHFForSemanticSegmentation",
-    }
+    assert config["auto_map"] == EXPECTED_AUTO_MAP
     package = REPO_ROOT / "segformer_hf"
     for name in ("configuration_segformer_hf.py", "modeling_segformer_hf.py"):
         assert (directory / name).read_text() == (package / name).read_text()
+
+
+@pytest.mark.parametrize("model_class", [SegformerHFModel, SegformerHFForImageClassification])
+def test_every_saved_class_lists_all_classes_in_auto_map(model_class, tmp_path):
+    model_class(_tiny()).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == EXPECTED_AUTO_MAP
 
 
 def test_from_pretrained_with_another_label_count_needs_ignore_mismatched_sizes(saved_model):
@@ -501,26 +514,35 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent(
         blocked = True
 
     import torch
+    import transformers
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForSemanticSegmentation
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    auto_class = getattr(transformers, sys.argv[5])
+    model = auto_class.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     with torch.no_grad():
-        logits = model(load_file(sys.argv[2])["pixel_values"]).logits
-    save_file({"logits": logits.contiguous()}, sys.argv[3])
+        output = model(load_file(sys.argv[2])["pixel_values"], output_hidden_states=True)
+    tensors = {f"hidden_states.{i}": h.contiguous() for i, h in enumerate(output.hidden_states)}
+    if getattr(output, "logits", None) is not None:
+        tensors["logits"] = output.logits.contiguous()
+    tensors.update({f"weights.{name}": t.clone() for name, t in model.state_dict().items()})
+    save_file(tensors, sys.argv[3])
     print(json.dumps({
         "blocked": blocked,
         "imported": sorted(m for m in sys.modules if m.split(".")[0] == "segformer_hf"),
         "model_module": type(model).__module__,
+        "model_class": type(model).__name__,
         "labels": model.config.id2label,
     }))
     """
 )
 
 
-def test_remote_code_loads_in_a_fresh_process_without_segformer_hf(saved_model, tmp_path):
-    model, directory = saved_model
-    pixel_values = torch.randn(2, 3, 65, 97)
+def _load_without_segformer_hf(directory, auto_class: str, pixel_values: torch.Tensor, tmp_path):
+    """Loads `directory` through `auto_class` as remote code in a fresh process without segformer_hf.
+
+    Returns the process' report and its tensors: `hidden_states.<i>`, `logits` where the model has
+    them, and the loaded `weights.<name>`.
+    """
     save_file({"pixel_values": pixel_values}, tmp_path / "input.safetensors")
     environment = {
         "PATH": "/usr/bin:/bin",
@@ -539,6 +561,7 @@ def test_remote_code_loads_in_a_fresh_process_without_segformer_hf(saved_model, 
             str(tmp_path / "input.safetensors"),
             str(tmp_path / "output.safetensors"),
             str(REPO_ROOT),
+            auto_class,
         ],
         cwd=tmp_path,
         env=environment,
@@ -551,12 +574,48 @@ def test_remote_code_loads_in_a_fresh_process_without_segformer_hf(saved_model, 
     assert report["blocked"], "the subprocess could import segformer_hf, so the test proves nothing"
     assert report["imported"] == []
     assert report["model_module"].startswith("transformers_modules."), report["model_module"]
+    return report, load_file(tmp_path / "output.safetensors")
+
+
+def test_remote_code_loads_in_a_fresh_process_without_segformer_hf(saved_model, tmp_path):
+    model, directory = saved_model
+    pixel_values = torch.randn(2, 3, 65, 97)
+    report, remote = _load_without_segformer_hf(
+        directory, "AutoModelForSemanticSegmentation", pixel_values, tmp_path
+    )
+    assert report["model_class"] == "SegformerHFForSemanticSegmentation"
     assert report["labels"] == {str(k): v for k, v in model.config.id2label.items()}
     with torch.no_grad():
         expected = model(pixel_values).logits
-    remote = load_file(tmp_path / "output.safetensors")["logits"]
     # Same code, same weights, same input, another process: equal up to thread-scheduling rounding.
-    torch.testing.assert_close(remote, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(remote["logits"], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "auto_class, model_class",
+    [
+        ("AutoModel", "SegformerHFModel"),
+        ("AutoModelForImageClassification", "SegformerHFForImageClassification"),
+    ],
+)
+def test_saved_segmentation_model_loads_its_encoder_through_other_auto_classes_as_remote_code(
+    saved_model, auto_class, model_class, tmp_path
+):
+    model, directory = saved_model
+    pixel_values = torch.randn(2, 3, 65, 97)
+    report, remote = _load_without_segformer_hf(directory, auto_class, pixel_values, tmp_path)
+    assert report["model_class"] == model_class
+    prefix = "" if auto_class == "AutoModel" else "segformer."
+    for name, tensor in model.segformer.state_dict().items():
+        assert torch.equal(remote[f"weights.{prefix}{name}"], tensor), name
+    if auto_class == "AutoModelForImageClassification":
+        # The classifier is not in a segmentation checkpoint: a new one of the configured size.
+        assert remote["weights.classifier.weight"].shape == (len(model.config.id2label), 64)
+    with torch.no_grad():
+        expected = model.segformer(pixel_values, output_hidden_states=True).hidden_states
+    assert len(expected) == 4
+    for stage, stage_map in enumerate(expected):
+        torch.testing.assert_close(remote[f"hidden_states.{stage}"], stage_map, rtol=0, atol=1e-6)
 
 
 def test_remote_code_never_runs_without_trust_remote_code(saved_model, tmp_path):

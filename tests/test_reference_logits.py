@@ -22,7 +22,7 @@ from conftest import SHARED_DATA
 from PIL import Image
 from transformers import SegformerImageProcessor
 
-from segformer_hf import SegformerHFForSemanticSegmentation
+from segformer_hf import from_reference
 
 OPT_IN_VARIABLE = "SEGFORMER_HF_HUB_TESTS"
 REFERENCE = SHARED_DATA / "reference"
@@ -127,7 +127,7 @@ def test_expected_logits_entries_map_to_hub_repos():
 )
 def test_official_checkpoint_gives_the_published_logits(key, expected, hub_available, cats_pixel_values):
     repo = hub_repo_for(key)
-    model = SegformerHFForSemanticSegmentation.from_reference(repo).eval()
+    model = from_reference(repo).eval()
     with torch.no_grad():
         logits = model(cats_pixel_values).logits
     assert logits.shape == (1, model.config.num_labels, 128, 128)
