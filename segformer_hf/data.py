@@ -32,7 +32,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ HUE_DELTA = 18
 
 # mmseg's RandomCrop: how many extra crops are tried when one class dominates the crop.
 CROP_RETRIES = 10
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 class BadSampleError(ValueError):
@@ -567,6 +570,10 @@ def _decode(value: Any, where: str, what: str) -> Image.Image | np.ndarray:
 def _image_to_rgb(image: Image.Image | np.ndarray, where: str) -> np.ndarray:
     """(H, W, 3) uint8: gray is repeated, alpha dropped, palettes looked up, 16 bits scaled to 8."""
     if isinstance(image, Image.Image):
+        # Upright as its EXIF orientation says, as transformers' `load_image` (and so the pipeline) shows it:
+        # a rotated JPEG would otherwise pair sideways with a label map drawn on the upright picture.
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I") or image.mode == "F":
             image = np.asarray(image)
         else:
@@ -844,7 +851,28 @@ def _checked_pair(value: Sequence[int], name: str) -> Size:
     return pair
 
 
-class SegmentationTrainTransform:
+class _SampleDecoding:
+    """What both transforms share: how a row's image and label are decoded and checked."""
+
+    num_labels: int
+    ignore_index: int
+    reduce_labels: bool
+
+    def decode(
+        self, image: Any, label: Any, sample_id: str, sample_index: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return decode_sample(
+            image,
+            label,
+            sample_index=sample_index,
+            sample_id=sample_id,
+            num_labels=self.num_labels,
+            ignore_index=self.ignore_index,
+            reduce_labels=self.reduce_labels,
+        )
+
+
+class SegmentationTrainTransform(_SampleDecoding):
     """The paper's (mmseg's) training augmentation, as a `datasets` batch transform for `with_transform`.
 
     resize (keep ratio, img_scale x a ratio drawn from ratio_range) -> random crop (cat_max_ratio)
@@ -905,15 +933,7 @@ class SegmentationTrainTransform:
         output: dict[str, list] = {"pixel_values": [], "labels": [], "skipped": [], "sample_id": []}
         for image, label, sample_id, sample_index in _rows(batch):
             try:
-                image_array, label_array = decode_sample(
-                    image,
-                    label,
-                    sample_index=sample_index,
-                    sample_id=sample_id,
-                    num_labels=self.num_labels,
-                    ignore_index=self.ignore_index,
-                    reduce_labels=self.reduce_labels,
-                )
+                image_array, label_array = self.decode(image, label, sample_id, sample_index)
                 pixel_values, labels = self.augment(image_array, label_array, self.rng(sample_index))
                 skipped = False
             except BadSampleError as error:
@@ -964,7 +984,7 @@ class SegmentationTrainTransform:
         )
 
 
-class SegmentationEvalTransform:
+class SegmentationEvalTransform(_SampleDecoding):
     """Evaluation preprocessing as the paper tests: resize keeping the ratio to img_scale, normalise.
 
     Labels stay at the original resolution (after reduce_labels), so the metric is computed there.
@@ -992,15 +1012,7 @@ class SegmentationEvalTransform:
         output: dict[str, list] = {"pixel_values": [], "labels": [], "sample_id": []}
         for image, label, sample_id, sample_index in _rows(batch):
             try:
-                image_array, label_array = decode_sample(
-                    image,
-                    label,
-                    sample_index=sample_index,
-                    sample_id=sample_id,
-                    num_labels=self.num_labels,
-                    ignore_index=self.ignore_index,
-                    reduce_labels=self.reduce_labels,
-                )
+                image_array, label_array = self.decode(image, label, sample_id, sample_index)
                 if self.img_scale is not None:
                     image_array = resize_image(image_array, rescaled_size(*label_array.shape, self.img_scale))
                 pixel_values = torch.from_numpy(np.ascontiguousarray(normalize(image_array)))

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import data as seg_data
+from .arguments import parse_args
 from .files import write_json_atomic
 from .inference import (
     InferenceProtocol,
@@ -32,6 +33,7 @@ from .inference import (
     scores_to_labels,
 )
 from .metrics import create_metric
+from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 
 
 def evaluate_model(
@@ -149,9 +151,6 @@ def evaluate_saved_model(output_dir: str | os.PathLike, overrides: list[str] | N
     `overrides` are command-line style flags (`["--max_eval_samples", "5"]`) applied on top of the run's
     train_config.yaml. This is the single-process twin of the evaluation at the end of training.
     """
-    from .arguments import parse_args
-    from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
-
     config = parse_args(["--config", str(Path(output_dir) / "train_config.yaml"), *(overrides or [])])
     _, eval_dataset, id2label = seg_data.load_training_data(config)
     model = SegformerHFForSemanticSegmentation.from_pretrained(output_dir)

@@ -89,7 +89,12 @@ def run(tmp_path_factory) -> Run:
     model = SegformerHFForSemanticSegmentation(config).eval()
     _randomize(model, seed=0)
     training_config = TrainingConfig(
-        data_dir="data/camvid-demo", crop_size=[64, 64], max_train_steps=20, warmup_steps=2, seed=7
+        data_dir="data/camvid-demo",
+        crop_size=[64, 64],
+        max_train_steps=20,
+        warmup_steps=2,
+        seed=7,
+        per_device_train_batch_size=2,
     )
     directory = tmp_path_factory.mktemp("run") / "segformer-b0-demo"
     save_model_files(model, directory, training_config)
