@@ -427,7 +427,8 @@ def evaluate_model(
     Each batch holds normalised "pixel_values" (a (B, 3, h, w) tensor, or a list of (3, h, w) tensors
     when sizes differ) and "labels" at the original resolution (a (B, H, W) tensor or a list of (H, W)
     tensors). Predictions are made at each label's size with the given inference mode (see
-    `predict_scores`), so the metric is computed at full resolution, as the paper reports it.
+    `predict_scores`), so the metric is computed at full resolution, as the paper reports it. A
+    single-label model (`num_labels` 1) is scored over two classes, background (0) and foreground (1).
 
     In a distributed run every process must be given a disjoint part of the data (no padding
     duplicates: shard the dataset, or let `accelerator.prepare` split the loader with
@@ -438,7 +439,9 @@ def evaluate_model(
 
     from . import metrics as seg_metrics
 
-    metric = seg_metrics.create_metric(metric_backend, num_labels=num_labels, ignore_index=ignore_index)
+    # A single-label (binary) model predicts 0 (background) or 1 (foreground): two classes to score.
+    metric_classes = 2 if num_labels == 1 else num_labels
+    metric = seg_metrics.create_metric(metric_backend, num_labels=metric_classes, ignore_index=ignore_index)
     network = accelerator.unwrap_model(model) if accelerator is not None else model
     is_main_process = accelerator is None or accelerator.is_main_process
     num_samples = 0
@@ -497,6 +500,9 @@ def format_metrics_table(results: dict[str, Any], id2label: dict[int, str], titl
         )
 
     names = [str(id2label.get(index, index)) for index in range(len(results["per_category_iou"]))]
+    if len(id2label) == 1 and len(names) == 2:
+        # A single-label (binary) model's one class is the foreground: class 1 of its two-class metric.
+        names = ["background", str(next(iter(id2label.values())))]
     name_width = max([len("class"), *map(len, names)])
     lines = [
         title,
