@@ -435,7 +435,7 @@ class SegformerHFDecodeHead(nn.Module):
         In training, BatchNorm couples the samples of a batch: a sample without a single labelled pixel
         (the placeholder of a skipped sample, a crop of only ignored pixels) still moves the batch
         mean and variance, so it changes the other samples' outputs and receives gradient through
-        them. That gradient is no harmless: an all-zero image with zero-initialised biases makes every
+        them. That gradient is not harmless: an all-zero image with zero-initialised biases makes every
         token of the encoder exactly zero, every LayerNorm then multiplies the gradient by
         1/sqrt(eps) (316), and after some thirty of them float32 overflows to inf and NaN. Normalising
         such samples by the statistics of the others (detached) gives them exactly zero gradient, keeps
@@ -453,7 +453,8 @@ class SegformerHFDecodeHead(nn.Module):
         hidden = fused.new_empty(fused.shape)
         hidden[statistics_samples] = norm(supervised)
         with torch.no_grad():
-            variance, mean = torch.var_mean(supervised, dim=(0, 2, 3), unbiased=False)
+            # float32 like BatchNorm's own statistics (the map may be half precision under autocast).
+            variance, mean = torch.var_mean(supervised.float(), dim=(0, 2, 3), unbiased=False)
         hidden[~statistics_samples] = F.batch_norm(
             fused[~statistics_samples], mean, variance, norm.weight, norm.bias, False, 0.0, norm.eps
         )
@@ -509,8 +510,10 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
     """SegFormer for semantic segmentation: MiT encoder + all-MLP decoder, logits at 1/4 resolution.
 
     With `labels` (B, H, W), the loss is computed on logits bilinearly upsampled to the labels' size:
-    cross-entropy ignoring `semantic_loss_ignore_index`, or, when `num_labels == 1`, binary
-    cross-entropy averaged over the valid (non-ignored, non-negative) pixels only.
+    cross-entropy ignoring `semantic_loss_ignore_index` (optionally class-weighted and/or over hard
+    pixels only, see the config's `class_weights` and `use_ohem`), or, when `num_labels == 1`, binary
+    cross-entropy averaged over the valid (non-ignored, non-negative) pixels only (transformers divides
+    the same sum by every pixel, ignored ones included).
     """
 
     def __init__(self, config: SegformerHFConfig):
