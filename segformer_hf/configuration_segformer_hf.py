@@ -60,6 +60,21 @@ class SegformerHFConfig(PretrainedConfig):
             (its modules use PyTorch's default whatever its config says).
         initializer_range: std of the truncated-normal init of linear layers.
         semantic_loss_ignore_index: label value that the segmentation loss ignores.
+        class_weights: one weight per class for the cross-entropy, or None for all ones. The loss is then
+            the weighted mean of PyTorch's `F.cross_entropy(weight=...)`: sum of w[y] * loss over valid
+            pixels divided by the sum of w[y] (not mmseg's mean over all pixels). Rare classes get more
+            weight; common ones less.
+        use_ohem: online hard example mining as mmseg's `OHEMPixelSampler`: the cross-entropy sums
+            only over the hard pixels and is divided by the number of valid pixels (mmseg's reduction
+            with `avg_non_ignore=True`, which the plain loss here also follows), so a batch whose
+            pixels are all kept gets exactly the plain loss.
+        ohem_thresh: with use_ohem, a pixel is hard when the predicted probability of its true class
+            is below this threshold; the threshold is raised, if needed, to the probability of the
+            (ohem_min_kept * images)-th least confident pixel, so that about that many are kept however
+            confident the model is (mmseg's `thresh`, e.g. 0.7). None: the ohem_min_kept * images
+            valid pixels with the largest loss are kept.
+        ohem_min_kept: with use_ohem, the number of hard pixels kept at least, per image (mmseg's
+            `min_kept`, 100000 by default). Images count only if they have a labelled pixel.
         variant: the MiT variant name this config was built from, if any (for model cards).
     """
 
@@ -83,6 +98,10 @@ class SegformerHFConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     semantic_loss_ignore_index: int = 255
+    class_weights: list[float] | None = None
+    use_ohem: bool = False
+    ohem_thresh: float | None = None
+    ohem_min_kept: int = 100000
     variant: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -110,6 +129,33 @@ class SegformerHFConfig(PretrainedConfig):
         # `num_encoder_blocks` is what transformers' SegFormer config calls the number of stages.
         kwargs.pop("num_encoder_blocks", None)
         super().__post_init__(**kwargs)
+        self._check_loss_options()
+
+    def _check_loss_options(self) -> None:
+        """Rejects loss options that would silently do nothing or something else than asked."""
+        if self.class_weights is not None:
+            self.class_weights = [float(weight) for weight in self.class_weights]
+            if len(self.class_weights) != self.num_labels or self.num_labels == 1:
+                raise ValueError(
+                    f"class_weights needs one weight per class ({self.num_labels} classes; a single-label "
+                    f"binary model has no class weights), got {len(self.class_weights)}"
+                )
+            if min(self.class_weights) < 0:
+                raise ValueError(f"class_weights must be non-negative, got {self.class_weights}")
+        if not self.use_ohem:
+            if self.ohem_thresh is not None:
+                raise ValueError(
+                    "ohem_thresh is set but use_ohem is false: set use_ohem: true to mine pixels"
+                )
+            return
+        if self.num_labels == 1:
+            raise ValueError(
+                "use_ohem needs a softmax model (num_labels >= 2); a single-label model has none"
+            )
+        if self.ohem_thresh is not None and not 0.0 < self.ohem_thresh <= 1.0:
+            raise ValueError(f"ohem_thresh is a probability in (0, 1], got {self.ohem_thresh}")
+        if self.ohem_min_kept < 1:
+            raise ValueError(f"ohem_min_kept must be a positive number of pixels, got {self.ohem_min_kept}")
 
     @property
     def num_encoder_blocks(self) -> int:

@@ -653,13 +653,32 @@ def _reduce_labels(label: np.ndarray, ignore_index: int) -> np.ndarray:
 def _check_label_values(
     label: np.ndarray, num_labels: int, ignore_index: int, reduce_labels: bool, where: str
 ) -> None:
+    """Every value must be a class id or ignore_index; a single-label (binary) model takes 0/1 masks.
+
+    A binary mask saved as 0/255 is an error, not silently mapped: 255 is also the usual ignore index,
+    so the mapping would guess. With ignore_index 255 such a mask cannot be told from a 0/1 mask with
+    ignored pixels, hence only a warning (once) when a mask holds 0 and 255 but no 1.
+    """
+    binary = num_labels == 1
+    num_classes = 2 if binary else num_labels
     values = np.unique(label)
-    bad = [int(v) for v in values if v != ignore_index and not 0 <= v < num_labels]
+    bad = [int(v) for v in values if v != ignore_index and not 0 <= v < num_classes]
     if not bad:
+        if binary and ignore_index in values and 1 not in values:
+            _warn_once(
+                "binary mask without foreground",
+                f"{where}: a binary mask without foreground (1) but with ignored pixels ({ignore_index}). "
+                f"If the masks are saved as 0/{ignore_index}, their foreground is being ignored: store 0/1.",
+            )
         return
     shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
     hints = []
-    if not reduce_labels and bad[-1] == num_labels:
+    if binary:
+        hints.append(
+            "a single-label (binary) model takes masks of 0 (background) and 1 (foreground); a mask saved "
+            "as 0/255 needs thresholding to 0/1 first (e.g. np.where(mask > 127, 1, 0))"
+        )
+    elif not reduce_labels and bad[-1] == num_labels:
         hints.append(
             "ids look 1-based: if 0 means 'other' and the classes are 1..N (as in ADE20K), "
             "set reduce_labels: true"
@@ -669,9 +688,19 @@ def _check_label_values(
     if len(bad) == 1:
         hints.append(f"if {bad[0]} marks pixels to ignore, set ignore_index: {bad[0]}")
     raise BadSampleError(
-        f"{where}: label values {shown} are outside the {num_labels} classes [0, {num_labels}) and are not "
+        f"{where}: label values {shown} are outside the {num_classes} classes [0, {num_classes}) and are not "
         f"ignore_index ({ignore_index})" + (f". Hint: {'; '.join(hints)}" if hints else "")
     )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Logs `message` the first time `key` comes up in this process (not once per sample)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)
 
 
 # Geometry -----------------------------------------------------------------------------------------------
@@ -977,7 +1006,15 @@ class SegmentationTrainTransform(_SampleDecoding):
         return torch.from_numpy(pixel_values), torch.from_numpy(labels)
 
     def placeholder(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What replaces a bad sample: a zero image (the mean colour), an all-ignored label, of crop size."""
+        """What replaces a bad sample: a zero image (the mean colour), an all-ignored label, of crop size.
+
+        It stays in the batch rather than being dropped by the collate function: batch sizes then stay
+        equal on every process, and a batch of bad samples only is still a batch the training step can
+        run. It teaches nothing: with every pixel ignored it has no loss, and the model leaves samples
+        without a labelled pixel out of its BatchNorm statistics (`SegformerHFDecodeHead.normalize`),
+        so it gets exactly zero gradient and the others get the gradient of the batch without it.
+        Its image content therefore does not matter.
+        """
         return (
             torch.zeros(3, *self.crop_size, dtype=torch.float32),
             torch.full(self.crop_size, self.ignore_index, dtype=torch.int64),

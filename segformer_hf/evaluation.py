@@ -54,11 +54,14 @@ def evaluate_model(
     Each batch holds normalised "pixel_values" (a (B, 3, h, w) tensor, or a list of (3, h, w) tensors
     when sizes differ) and "labels" at the original resolution. Predictions are made at each label's
     size with `protocol` (see `inference.predict_scores`), so the metric is computed at full
-    resolution, as the paper reports it. In a distributed run every process must hold a disjoint part
+    resolution, as the paper reports it. A single-label model (`num_labels` 1) is scored over two
+    classes, background (0) and foreground (1). In a distributed run every process must hold a disjoint part
     of the data (see `data.build_eval_dataloader`). Returns evaluate's mean_iou keys, with per-class
     values as lists (JSON-ready), plus "num_samples". The model's training mode is restored on return.
     """
-    metric = create_metric(metric_backend, num_labels=num_labels, ignore_index=ignore_index)
+    # A single-label (binary) model predicts 0 (background) or 1 (foreground): two classes to score.
+    metric_classes = 2 if num_labels == 1 else num_labels
+    metric = create_metric(metric_backend, num_labels=metric_classes, ignore_index=ignore_index)
     network = model
     if accelerator is not None:
         share_batchnorm_statistics(accelerator, model)
@@ -124,7 +127,7 @@ def _sum_over_processes(count: int, accelerator: Accelerator | None) -> int:
 
 def format_metrics_table(results: dict[str, Any], id2label: dict[int, str], title: str = "Evaluation") -> str:
     """The overall metrics, then IoU and accuracy per class by name ("n/a": class absent from the labels)."""
-    names = [str(id2label.get(index, index)) for index in range(len(results["per_category_iou"]))]
+    names = class_names(id2label, len(results["per_category_iou"]))
     name_width = max([len("class"), *map(len, names)])
     lines = [
         title,
@@ -137,6 +140,13 @@ def format_metrics_table(results: dict[str, Any], id2label: dict[int, str], titl
     for name, iou, accuracy in zip(names, results["per_category_iou"], results["per_category_accuracy"]):
         lines.append(f"  {name:<{name_width}}  {_number(iou)}    {_number(accuracy)}")
     return "\n".join(lines)
+
+
+def class_names(id2label: dict[int, str], num_classes: int) -> list[str]:
+    """The names of the metric's classes; a single-label (binary) model's one class is class 1 of two."""
+    if len(id2label) == 1 and num_classes == 2:
+        return ["background", str(next(iter(id2label.values())))]
+    return [str(id2label.get(index, index)) for index in range(num_classes)]
 
 
 def _number(value: Any) -> str:
@@ -263,7 +273,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         protocol=protocol.to_dict(),
         world_size=accelerator.num_processes,
         eval_runtime=time.time() - started,
-        per_category_name=[id2label.get(index, str(index)) for index in range(len(id2label))],
+        per_category_name=class_names(id2label, len(results["per_category_iou"])),
     )
     if accelerator.is_main_process:
         title = f"{args.model} on {args.dataset or args.data_dir} [{args.split}], {len(dataset)} samples"

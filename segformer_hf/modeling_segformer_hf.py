@@ -429,7 +429,47 @@ class SegformerHFDecodeHead(nn.Module):
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         return scale, norm.bias - norm.running_mean * scale
 
-    def forward(self, stage_features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def normalize(self, fused: torch.Tensor, statistics_samples: torch.Tensor | None) -> torch.Tensor:
+        """BatchNorm of the fused map (B, C, H/4, W/4) whose batch statistics skip the samples not listed.
+
+        In training, BatchNorm couples the samples of a batch: a sample without a single labelled pixel
+        (the placeholder of a skipped sample, a crop of only ignored pixels) still moves the batch
+        mean and variance, so it changes the other samples' outputs and receives gradient through
+        them. That gradient is not harmless: an all-zero image with zero-initialised biases makes every
+        token of the encoder exactly zero, every LayerNorm then multiplies the gradient by
+        1/sqrt(eps) (316), and after some thirty of them float32 overflows to inf and NaN. Normalising
+        such samples by the statistics of the others (detached) gives them exactly zero gradient, keeps
+        their influence out of the running statistics, and leaves every other sample's loss and
+        gradient exactly those of the batch without them. A batch where every sample has labels is
+        normalised by `batch_norm` as before.
+        """
+        norm = self.batch_norm
+        if statistics_samples is None or bool(statistics_samples.all()):
+            return norm(fused)
+        if not statistics_samples.any():
+            # Nothing to learn from: normalise by the batch itself, but teach the running statistics nothing.
+            return F.batch_norm(fused, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+        supervised = fused[statistics_samples]
+        hidden = fused.new_empty(fused.shape)
+        hidden[statistics_samples] = norm(supervised)
+        with torch.no_grad():
+            # float32 like BatchNorm's own statistics (the map may be half precision under autocast).
+            variance, mean = torch.var_mean(supervised.float(), dim=(0, 2, 3), unbiased=False)
+        hidden[~statistics_samples] = F.batch_norm(
+            fused[~statistics_samples], mean, variance, norm.weight, norm.bias, False, 0.0, norm.eps
+        )
+        return hidden
+
+    def forward(
+        self,
+        stage_features: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        statistics_samples: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, num_labels, H/4, W/4) from the four stage maps.
+
+        `statistics_samples` (B,) bool, in training: the samples BatchNorm's batch statistics come from
+        (None: all), see `normalize`.
+        """
         target_size = stage_features[0].shape[-2:]
         stage_weights = self.composed_stage_weights()
         frozen_norm = self.batch_norm_as_affine()
@@ -459,7 +499,7 @@ class SegformerHFDecodeHead(nn.Module):
                 projected = F.interpolate(projected, size=target_size, mode="bilinear", align_corners=False)
             # In place is safe for autograd: neither conv2d nor interpolate needs its output for backward.
             fused = projected if fused is None else fused.add_(projected)
-        hidden = fused if frozen_norm is not None else self.batch_norm(fused)
+        hidden = fused if frozen_norm is not None else self.normalize(fused, statistics_samples)
         # The ReLU works in place (BatchNorm's backward does not need its output either).
         hidden = self.dropout(self.activation(hidden))
         # (B, C, H/4, W/4) -> (B, num_labels, H/4, W/4)
@@ -470,8 +510,10 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
     """SegFormer for semantic segmentation: MiT encoder + all-MLP decoder, logits at 1/4 resolution.
 
     With `labels` (B, H, W), the loss is computed on logits bilinearly upsampled to the labels' size:
-    cross-entropy ignoring `semantic_loss_ignore_index`, or, when `num_labels == 1`, binary
-    cross-entropy averaged over the valid (non-ignored, non-negative) pixels only.
+    cross-entropy ignoring `semantic_loss_ignore_index` (optionally class-weighted and/or over hard
+    pixels only, see the config's `class_weights` and `use_ohem`), or, when `num_labels == 1`, binary
+    cross-entropy averaged over the valid (non-ignored, non-negative) pixels only (transformers divides
+    the same sum by every pixel, ignored ones included).
     """
 
     def __init__(self, config: SegformerHFConfig):
@@ -491,7 +533,13 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
         output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
         return_dict = _resolve(return_dict, self.config.return_dict)
         features = self.segformer.forward_features(pixel_values)
-        logits = self.decode_head(features)
+        # Samples without a labelled pixel stay out of the decoder's BatchNorm statistics (see
+        # `SegformerHFDecodeHead.normalize`): they must not change the loss or the gradient.
+        labelled = None
+        if labels is not None and self.decode_head.batch_norm.training:
+            valid = (labels >= 0) & (labels != self.config.semantic_loss_ignore_index)
+            labelled = valid.flatten(1).any(dim=1)
+        logits = self.decode_head(features, labelled)
         loss = self.segmentation_loss(logits, labels) if labels is not None else None
         hidden_states = tuple(features) if output_hidden_states else None
         if not return_dict:
@@ -499,11 +547,25 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of 1/4-resolution `logits` (B, K, h, w) against full-resolution `labels` (B, H, W)."""
+        """Loss of 1/4-resolution `logits` (B, K, h, w) against full-resolution `labels` (B, H, W).
+
+        Cross-entropy (class-weighted and/or restricted to hard pixels when the config asks, see
+        `SegformerHFConfig`), or binary cross-entropy for a single-label model.
+        """
         ignore_index = self.config.semantic_loss_ignore_index
         if logits.dtype in (torch.float16, torch.bfloat16):
             # A softmax over a hundred classes loses too much in 8 mantissa bits (autocast upcasts it too).
             logits = logits.float()
+        if self.config.num_labels > 1 and (self.config.class_weights is not None or self.config.use_ohem):
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            return weighted_hard_pixel_cross_entropy(
+                upsampled,
+                labels,
+                ignore_index,
+                class_weights=self.config.class_weights,
+                ohem_thresh=self.config.ohem_thresh if self.config.use_ohem else None,
+                ohem_min_kept=self.config.ohem_min_kept if self.config.use_ohem else None,
+            )
         if self.config.num_labels > 1 and torch.compiler.is_compiling():
             # The compiler fuses the plain composition by itself (and cannot trace the hand-written one).
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -518,6 +580,82 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
         )
         # Average over valid pixels only; an all-ignored batch contributes a zero (but differentiable) loss.
         return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def weighted_hard_pixel_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    *,
+    class_weights: list[float] | None = None,
+    ohem_thresh: float | None = None,
+    ohem_min_kept: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `logits` (B, K, H, W) at the labels' resolution, class-weighted, over hard pixels.
+
+    The sum over kept pixels of w[y] * -log p(y) divided by the sum of w[y] over all valid pixels:
+    with every pixel kept this is `F.cross_entropy(logits, labels, weight=w, ignore_index=...)`.
+    `ohem_min_kept` (per image) switches online hard example mining on, with mmseg's
+    `OHEMPixelSampler` selection (see `ohem_kept_pixels`). When the denominator is zero (every pixel
+    ignored) the loss is NaN, as `F.cross_entropy`'s, and the gradient zero.
+    """
+    labels = labels.long()
+    valid = labels != ignore_index
+    # Unweighted per-pixel loss: OHEM's threshold needs the true-class probability exp(-loss) itself.
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if class_weights is None:
+        pixel_weights = valid.to(per_pixel.dtype)
+    else:
+        # Ignored pixels look up class 0 (any valid index) and are then zeroed by `valid`.
+        weight_table = torch.tensor(class_weights, dtype=per_pixel.dtype, device=per_pixel.device)
+        pixel_weights = weight_table[labels.masked_fill(~valid, 0)] * valid
+    denominator = pixel_weights.sum()
+    weighted = per_pixel * pixel_weights
+    if ohem_min_kept is not None:
+        kept = ohem_kept_pixels(per_pixel.detach(), weighted.detach(), valid, ohem_thresh, ohem_min_kept)
+        weighted = weighted * kept
+    # `where`, not a plain division: with nothing valid the loss is NaN but its gradient stays zero.
+    return torch.where(
+        denominator > 0, weighted.sum() / denominator.clamp(min=torch.finfo(denominator.dtype).tiny), math.nan
+    )
+
+
+@torch.no_grad()
+def ohem_kept_pixels(
+    loss: torch.Tensor,
+    ranked_loss: torch.Tensor,
+    valid: torch.Tensor,
+    thresh: float | None,
+    min_kept: int,
+) -> torch.Tensor:
+    """The hard pixels (B, H, W) bool, selected as mmseg's `OHEMPixelSampler` does.
+
+    With `thresh`: the valid pixels whose true-class probability exp(-loss) is below max(thresh, p_k),
+    p_k being the (k+1)-th smallest probability with k = min(min_kept * B, valid pixels - 1); so
+    about min_kept pixels per image are kept however confident the model is. (As in mmseg the
+    comparison is strict: when k reaches the last valid pixel and the threshold is lower, the most
+    confident pixel is dropped.) Without `thresh`: the min_kept * B valid pixels with the largest
+    `ranked_loss` (the class-weighted loss, which is what mmseg ranks by). B counts the images that
+    have a labelled pixel.
+    """
+    # mmseg counts every image; one without a labelled pixel has nothing to keep, and counting it would
+    # let a skipped sample's placeholder change which pixels of the others are kept.
+    batch_kept = min_kept * int(valid.flatten(1).any(dim=1).sum())
+    valid_count = int(valid.sum())
+    if thresh is not None:
+        probability = torch.exp(-loss)
+        threshold = thresh
+        if valid_count > 0:
+            # kthvalue is 1-based: the (k+1)-th smallest is sorted[k].
+            kth = torch.kthvalue(probability[valid], min(batch_kept, valid_count - 1) + 1).values
+            threshold = max(float(kth), thresh)
+        return valid & (probability < threshold)
+    kept = torch.zeros_like(valid)
+    hardest = ranked_loss[valid].topk(min(batch_kept, valid_count)).indices
+    kept[valid] = torch.zeros(valid_count, dtype=torch.bool, device=valid.device).index_fill_(
+        0, hardest, True
+    )
+    return kept
 
 
 class UpsampledCrossEntropy(torch.autograd.Function):

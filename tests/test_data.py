@@ -740,6 +740,33 @@ def test_out_of_range_values_are_listed_with_hints():
         _decode(image, Image.fromarray(np.array([[1, 2, 3], [1, 2, 3]], np.uint8)), num_labels=3)
 
 
+def test_binary_masks_of_zero_and_one_pass_for_a_single_label_model():
+    image, _ = _random_pair(9)
+    mask = (np.arange(HEIGHT * WIDTH).reshape(HEIGHT, WIDTH) % 3 == 0).astype(np.uint8)
+    mask[0, :4] = 255
+    _, label = _decode(Image.fromarray(image), Image.fromarray(mask), num_labels=1)
+    np.testing.assert_array_equal(label, mask)
+    sample = _dataset_of([(image, mask)]).with_transform(_train_transform(num_labels=1, crop_size=(8, 8)))[0]
+    assert set(sample["labels"].unique().tolist()) <= {0, 1, 255} and not sample["skipped"]
+    with pytest.raises(BadSampleError, match=r"values 2 are outside the 2 classes \[0, 2\)"):
+        _decode(Image.fromarray(image), Image.fromarray(np.where(mask == 1, 2, mask)), num_labels=1)
+
+
+def test_binary_masks_saved_as_0_255_are_an_error_or_a_warning_suggesting_a_threshold(caplog, monkeypatch):
+    monkeypatch.setattr("segformer_hf.data._WARNED", set())
+    image = Image.fromarray(np.zeros((2, 3, 3), np.uint8))
+    mask = Image.fromarray(np.array([[0, 255, 255], [0, 0, 255]], np.uint8))
+    with pytest.raises(
+        BadSampleError, match=r"values 255 .* 0 \(background\) and 1 \(foreground\).*mask > 127"
+    ):
+        _decode(image, mask, num_labels=1, ignore_index=254)
+    # With ignore_index 255 a 0/255 mask is indistinguishable from a 0/1 mask with ignored pixels: warn once.
+    with caplog.at_level(logging.WARNING, logger="segformer_hf.data"):
+        _decode(image, mask, num_labels=1, ignore_index=255)
+        _decode(image, mask, num_labels=1, ignore_index=255)
+    assert caplog.text.count("their foreground is being ignored") == 1
+
+
 def test_colour_coded_label_map_is_rejected():
     image = Image.fromarray(np.zeros((2, 2, 3), np.uint8))
     colour = np.array([[[128, 64, 128], [244, 35, 232]], [[128, 64, 128], [70, 70, 70]]], np.uint8)
