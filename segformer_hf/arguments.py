@@ -49,11 +49,37 @@ class LabelMap(dict):
     """`id2label` from YAML (`{0: road, 1: sky}`) or the command line (`--id2label '{0: road, 1: sky}'`)."""
 
     def __init__(self, value: Any = None) -> None:
+        if not isinstance(value, str | list):
+            value = list(value)  # dataclasses.asdict rebuilds it from a generator
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"id2label must be a mapping of class ids to names, got {value!r}")
         super().__init__({int(index): str(name) for index, name in (value or {}).items()})
+
+
+class ClassWeights:
+    """`class_weights`: one weight per class (`[1.0, 2.5, ...]`, a YAML list or a flow list on the command line),
+    or `auto`: computed from the training labels' class frequencies (see `data.frequency_class_weights`)."""
+
+    def __init__(self, value: Any) -> None:
+        if isinstance(value, ClassWeights):
+            value = value.to_yaml()
+        if isinstance(value, str):
+            value = value if value.strip() == "auto" else yaml.safe_load(value)
+        self.auto = value == "auto"
+        if not self.auto and not (isinstance(value, list) and all(isinstance(v, int | float) for v in value)):
+            raise ValueError(f"class_weights must be a list of numbers or auto, got {value!r}")
+        self.values = None if self.auto else [float(v) for v in value]
+
+    def to_yaml(self) -> str | list[float]:
+        return "auto" if self.auto else list(self.values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassWeights) and self.to_yaml() == other.to_yaml()
+
+    def __repr__(self) -> str:
+        return f"ClassWeights({self.to_yaml()!r})"
 
 
 @dataclass
@@ -78,6 +104,17 @@ class ModelArguments:
     )
     drop_path_rate: float = _help("stochastic depth rate of the last encoder block", default=0.1)
     classifier_dropout_prob: float = _help("dropout before the decoder's classifier", default=0.1)
+    class_weights: ClassWeights | None = _help(
+        "cross-entropy weight per class ([w0, w1, ...]), or auto: from the training labels' class frequencies",
+        default=None,
+    )
+    use_ohem: bool = _help("online hard example mining (mmseg's OHEMPixelSampler) in the loss", default=False)
+    ohem_thresh: float | None = _help(
+        "with use_ohem: pixels whose true-class probability is below this are hard (e.g. 0.7); null: the "
+        "ohem_min_kept hardest",
+        default=None,
+    )
+    ohem_min_kept: int = _help("with use_ohem: hard pixels kept at least, per image", default=100000)
 
 
 @dataclass
@@ -256,6 +293,8 @@ class TrainingConfig(
             value = getattr(self, name)
             if isinstance(value, str) and "{model_variant}" in value and self.model_variant:
                 setattr(self, name, value.replace("{model_variant}", self.model_variant))
+        if self.class_weights is not None and not isinstance(self.class_weights, ClassWeights):
+            self.class_weights = ClassWeights(self.class_weights)
         if self.id2label is not None and not isinstance(self.id2label, LabelMap):
             self.id2label = LabelMap(self.id2label)
         if self.warmup_steps == 0 and self.warmup_ratio > 0:
@@ -282,6 +321,8 @@ class TrainingConfig(
         values = dataclasses.asdict(self)
         if self.id2label is not None:
             values["id2label"] = dict(self.id2label)
+        if self.class_weights is not None:
+            values["class_weights"] = self.class_weights.to_yaml()
         return values
 
     def validate(self) -> None:

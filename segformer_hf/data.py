@@ -1252,3 +1252,59 @@ def eval_dataloader_for(
         num_shards=num_shards,
         shard_index=shard_index,
     )
+
+
+def class_weights_for(
+    config: TrainingConfig, dataset: datasets.Dataset, num_labels: int
+) -> list[float] | None:
+    """The loss's class weights: as given, computed from the training labels (`auto`), or None."""
+    if config.class_weights is None:
+        return None
+    if not config.class_weights.auto:
+        return config.class_weights.values
+    frequencies = class_frequencies(
+        dataset,
+        num_labels,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        seed=config.seed,
+    )
+    weights = frequency_class_weights(frequencies)
+    logger.info("class_weights auto: %s", ", ".join(f"{weight:.2f}" for weight in weights))
+    return weights
+
+
+def class_frequencies(
+    dataset: datasets.Dataset,
+    num_labels: int,
+    *,
+    ignore_index: int = 255,
+    reduce_labels: bool = False,
+    max_samples: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Share of each class among the labelled pixels of (a seeded sample of at most `max_samples` of) a split."""
+    indices = np.arange(len(dataset))
+    if len(indices) > max_samples:
+        indices = np.sort(np.random.default_rng(seed).choice(indices, max_samples, replace=False))
+    counts = np.zeros(num_labels, dtype=np.int64)
+    for index in indices.tolist():
+        row = dataset[index]
+        where = f"sample {row.get('sample_id', index)}"
+        label = _label_to_ids(_decode(row["label"], where, "label"), where)
+        if reduce_labels:
+            label = _reduce_labels(label, ignore_index)
+        valid = label[(label != ignore_index) & (label >= 0) & (label < num_labels)]
+        counts += np.bincount(valid.ravel(), minlength=num_labels)[:num_labels]
+    if counts.sum() == 0:
+        raise ValueError("class_weights auto: the training labels hold no labelled pixel")
+    return counts / counts.sum()
+
+
+def frequency_class_weights(frequencies: np.ndarray, offset: float = 1.02) -> list[float]:
+    """ENet's class weighting (Paszke et al. 2016): w = 1 / ln(offset + p) for a class of pixel share p.
+
+    Bounded (between 1 / ln(1 + offset) ~ 1.4 for a class covering everything and 1 / ln(offset) ~ 50 for
+    an absent one), so a rare class is weighted up without one tiny class dominating the loss.
+    """
+    return [float(1.0 / np.log(offset + share)) for share in frequencies]

@@ -123,7 +123,8 @@ def set_up(config: TrainingConfig) -> Run:
     eval_loader = seg_data.eval_dataloader_for(
         config, eval_dataset, len(id2label), accelerator.num_processes, accelerator.process_index
     )
-    model = build_model(config, id2label)
+    class_weights = seg_data.class_weights_for(config, train_dataset, len(id2label))
+    model = build_model(config, id2label, class_weights)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -213,7 +214,9 @@ def ensure_wandb_does_not_prompt() -> None:
         logger.warning("No W&B credentials found: W&B runs offline (sync later with `wandb sync`).")
 
 
-def build_model(config: TrainingConfig, id2label: dict[int, str]) -> SegformerHFForSemanticSegmentation:
+def build_model(
+    config: TrainingConfig, id2label: dict[int, str], class_weights: list[float] | None = None
+) -> SegformerHFForSemanticSegmentation:
     """The model to train: a variant from scratch, or the `init_from` weights (whose variant must agree)."""
     label_fields = {
         "num_labels": len(id2label),
@@ -222,6 +225,10 @@ def build_model(config: TrainingConfig, id2label: dict[int, str]) -> SegformerHF
         "semantic_loss_ignore_index": config.ignore_index,
         "drop_path_rate": config.drop_path_rate,
         "classifier_dropout_prob": config.classifier_dropout_prob,
+        "class_weights": class_weights,
+        "use_ohem": config.use_ohem,
+        "ohem_thresh": config.ohem_thresh,
+        "ohem_min_kept": config.ohem_min_kept,
     }
     if config.init_from is None:
         return SegformerHFForSemanticSegmentation(
