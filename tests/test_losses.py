@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from reference_mean_iou import reference_mean_iou
 
-from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
-from segformer_hf.inference import evaluate_model, format_metrics_table
+from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation, to_transformers
+from segformer_hf.evaluation import evaluate_model, format_metrics_table
 from segformer_hf.modeling_segformer_hf import weighted_hard_pixel_cross_entropy
 
 IGNORE_INDEX = 255
@@ -223,7 +223,7 @@ def test_ohem_options_are_checked():
 
 def _binary_pair(seed: int):
     model = _model(seed, num_labels=1).eval()
-    reference = model.to_transformers().eval()
+    reference = to_transformers(model).eval()
     return model, reference
 
 
