@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 if TYPE_CHECKING:
     from .arguments import TrainingConfig
@@ -855,8 +856,6 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
     Plain numpy: tiny torch operations pay a thread-pool cost that dominates at these sizes.
     """
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     mean = np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32) * 255.0
     std = np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32) * 255.0
     # (H, W, 3) -> (3, H, W)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, SegformerImageProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 Size = tuple[int, int]
 
@@ -428,8 +430,6 @@ def prepare_pixel_values(image: Any, image_processor_or_norm: Any = None) -> tor
 
 def imagenet_normalization() -> tuple[list[float], list[float]]:
     """The (mean, std) every published SegFormer checkpoint was trained with."""
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
@@ -505,14 +505,10 @@ def load_model_for_inference(
     """A semantic-segmentation model (eval mode) and its image processor, from a directory or Hub id.
 
     Works for segformer_hf checkpoints and for transformers' own Segformer checkpoints alike, through
-    `AutoModelForSemanticSegmentation` (this package registers itself with it on import). When the
+    `AutoModelForSemanticSegmentation` (importing any segformer_hf module registers the package with it). When the
     checkpoint has no `preprocessor_config.json`, a default `SegformerImageProcessor` (ImageNet
     normalisation, 512x512 resize) stands in, with a note on stderr.
     """
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, SegformerImageProcessor
-
-    import segformer_hf  # noqa: F401  (registers the segformer_hf model type with the Auto classes)
-
     dtype_argument = {} if torch_dtype is None else {"dtype": torch_dtype}
     model = AutoModelForSemanticSegmentation.from_pretrained(
         model_name_or_path, trust_remote_code=trust_remote_code, **dtype_argument

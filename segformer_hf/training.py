@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import json
 import logging
+import netrc
 import os
 import shutil
 import sys
@@ -25,10 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from huggingface_hub import get_token
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import SegformerImageProcessor
 
@@ -46,6 +50,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .configuration_segformer_hf import SegformerHFConfig
+from .conversion import from_reference
 from .evaluation import evaluate_model, format_metrics_table, same_size_groups
 from .files import nan_to_none, write_atomic, write_json_atomic
 from .hub import push_to_hub, write_model_card
@@ -157,8 +162,6 @@ def set_up(config: TrainingConfig) -> Run:
 
 def check_push_settings(config: TrainingConfig) -> None:
     """A push at the end needs a Hub token: find out now, not after hours of training."""
-    from huggingface_hub import get_token
-
     if config.push_to_hub and get_token() is None:
         raise ValueError(
             "push_to_hub is set but no Hugging Face token was found: run `hf auth login` or set HF_TOKEN first"
@@ -203,8 +206,6 @@ def ensure_wandb_does_not_prompt() -> None:
     """Without W&B credentials, run W&B offline (logs kept locally for `wandb sync`) instead of prompting."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
         return
-    import netrc
-
     try:
         has_login = netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
@@ -234,8 +235,6 @@ def build_model(
         return SegformerHFForSemanticSegmentation(
             SegformerHFConfig.from_variant(config.model_variant, **label_fields)
         )
-    from .conversion import from_reference
-
     model = from_reference(
         config.init_from, ignore_mismatched_sizes=config.ignore_mismatched_sizes, **label_fields
     )
@@ -567,9 +566,6 @@ def log_validation_images(run: Run) -> None:
 
 def validation_examples(network: torch.nn.Module, eval_loader: Any) -> Iterator[tuple[Any, Any, Any]]:
     """Yields (RGB image (H, W, 3) uint8, label (H, W), prediction (H, W)) at each label's resolution."""
-    import numpy as np
-    from PIL import Image
-
     mean, std = (torch.tensor(values).view(3, 1, 1) for values in imagenet_normalization())
     for batch in eval_loader:
         for pixel_values, labels in same_size_groups(batch):
