@@ -167,7 +167,9 @@ class MeanIoU:
 
     def reset(self) -> None:
         """Forgets everything added so far (the device stays)."""
-        if self._counts is not None:
+        if self._counts is not None and self._counts.device.type == "cpu":
+            self._counts.numpy().fill(0)
+        elif self._counts is not None:
             self._counts.zero_()
 
     def confusion_matrix(self) -> torch.Tensor:
@@ -176,15 +178,13 @@ class MeanIoU:
         Rows are labels (after label_map and reduce_labels), columns predictions; the last row and
         column hold values outside [0, num_labels), which belong to no class. Ignored pixels are left out.
         """
-        counts = (self._counts if self._counts is not None else self._zero_counts()).cpu()
-        rows = self._row_of_label_key
-        # (label keys, prediction keys) -> (label rows incl. the ignored row, prediction keys)
-        by_row = torch.zeros(self.num_labels + 2, counts.shape[1], dtype=torch.int64).index_add_(
-            0, rows, counts
-        )
-        confusion = torch.zeros(self.num_labels + 2, self.num_labels + 1, dtype=torch.int64)
-        confusion.index_add_(1, self._column_of_prediction_key, by_row)
-        return confusion[: self.num_labels + 1]
+        counts = (self._counts if self._counts is not None else self._zero_counts()).cpu().numpy()
+        confusion = np.zeros((self.num_labels + 2, self.num_labels + 1), dtype=np.int64)
+        # (label key, prediction key) -> (label row incl. the ignored row, prediction column), in numpy
+        # as all CPU work here (see the class docstring)
+        rows, columns = self._row_of_label_key.numpy(), self._column_of_prediction_key.numpy()
+        np.add.at(confusion, (rows[:, None], columns[None, :]), counts)
+        return torch.from_numpy(confusion[: self.num_labels + 1])
 
     def _start(self, device: torch.device) -> None:
         """Creates the counts on `self.device`, or on `device` when none was given."""
@@ -195,6 +195,8 @@ class MeanIoU:
 
     def _zero_counts(self) -> torch.Tensor:
         shape = (len(self._row_of_label_key), len(self._column_of_prediction_key))
+        if self.device is None or self.device.type == "cpu":
+            return torch.from_numpy(np.zeros(shape, dtype=np.int64))
         return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
     def _count_with_numpy(self, prediction: np.ndarray, reference: np.ndarray) -> None:
