@@ -259,9 +259,9 @@ def busy_machine(threads: int, seconds: float) -> Iterator[subprocess.Popen]:
 
 def time_settings(
     args: argparse.Namespace, contenders: dict[str, tuple[Callable[[], dict], Callable[[], None]]]
-) -> dict[tuple[int, str], dict[str, float]]:
-    """(threads, load) -> name -> best seconds."""
-    seconds = {}
+) -> tuple[dict[tuple[int, str], dict[str, float]], dict[tuple[int, str], float]]:
+    """((threads, load) -> name -> best seconds, (threads, load) -> the machine's load average after)."""
+    seconds, load_averages = {}, {}
     for load in args.loads:
         background = busy_machine(args.busy_threads, args.busy_seconds) if load == "busy" else None
         with background or contextlib.nullcontext():
@@ -271,11 +271,15 @@ def time_settings(
                     name: best_time(function, args.repeats, synchronize)
                     for name, (function, synchronize) in contenders.items()
                 }
-    return seconds
+                load_averages[threads, load] = os.getloadavg()[0]
+    return seconds, load_averages
 
 
 def print_table(
-    args: argparse.Namespace, dtype: str, baseline_name: str, seconds: dict[tuple[int, str], dict[str, float]]
+    dtype: str,
+    baseline_name: str,
+    seconds: dict[tuple[int, str], dict[str, float]],
+    load_averages: dict[tuple[int, str], float],
 ) -> None:
     settings = sorted(seconds, key=lambda setting: (LOADS.index(setting[1]), setting[0]))
     names = list(seconds[settings[0]])
@@ -293,7 +297,9 @@ def print_table(
                 cell += f" ({seconds[setting][baseline_name] / elapsed:5.1f}x)"
             cells.append(f"{cell:>{column_width}}")
         print(f"{name:<{name_width}}  " + "  ".join(cells))
-    print()
+    # Other processes count too: "idle" only means that this benchmark adds no load of its own.
+    loads = "  ".join(f"{load_averages[setting]:>{column_width}.1f}" for setting in settings)
+    print(f"{'load average (1 min) after':<{name_width}}  {loads}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             for dtype, mean_iou_value in mean_ious.items()
         )
     )
-    for dtype, seconds in tables.items():
-        print_table(args, dtype, baseline_name, seconds)
+    for dtype, (seconds, load_averages) in tables.items():
+        print_table(dtype, baseline_name, seconds, load_averages)
     return 0
 
 

@@ -138,6 +138,8 @@ class MeanIoU:
 
     def update(self, predictions: Any, references: Any) -> None:
         """Adds label maps: (B, H, W) or (H, W) tensors/arrays, or lists of (H, W) maps of any sizes."""
+        # CPU maps of byte values add up here and enter the table once, after the last map.
+        byte_pair_counts = np.zeros(256 * 256, dtype=np.int64)
         for where, prediction, reference in _paired_maps(predictions, references):
             prediction = _as_integer_map(prediction, "predictions", where)
             reference = _as_integer_map(reference, "references", where)
@@ -150,11 +152,15 @@ class MeanIoU:
                 is_tensor = isinstance(prediction, torch.Tensor)
                 self._start(prediction.device if is_tensor else torch.device("cpu"))
             if self.device.type == "cpu":
-                self._count_with_numpy(_as_flat_array(prediction), _as_flat_array(reference))
+                self._count_with_numpy(
+                    _as_flat_array(prediction), _as_flat_array(reference), byte_pair_counts
+                )
             else:
                 self._count_with_torch(
                     _as_flat_tensor(prediction).to(self.device), _as_flat_tensor(reference).to(self.device)
                 )
+        if self._counts is not None and self.device.type == "cpu":
+            self._add_byte_pairs(byte_pair_counts)
 
     def compute(self) -> dict[str, Any]:
         """The metrics over everything added so far, summed across processes in a distributed run.
@@ -199,25 +205,31 @@ class MeanIoU:
             return torch.from_numpy(np.zeros(shape, dtype=np.int64))
         return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
-    def _count_with_numpy(self, prediction: np.ndarray, reference: np.ndarray) -> None:
-        """Adds flat CPU maps to the counts, in cache-sized chunks, with numpy on this thread only."""
+    def _count_with_numpy(
+        self, prediction: np.ndarray, reference: np.ndarray, byte_pair_counts: np.ndarray
+    ) -> None:
+        """Counts flat CPU maps in cache-sized chunks, with numpy on this thread only.
+
+        Chunks whose values all fit a byte are counted as (label * 256 + prediction) into
+        `byte_pair_counts`, to be added with `_add_byte_pairs`; the others straight into the table.
+        """
         counts = self._counts.numpy()  # the state itself: a CPU tensor shares its memory
         for start in range(0, len(prediction), _CPU_CHUNK_PIXELS):
             chunk = slice(start, start + _CPU_CHUNK_PIXELS)
             predicted, labels = prediction[chunk], reference[chunk]
             if _fits_a_byte(predicted) and _fits_a_byte(labels):
-                self._add_byte_pairs(counts, np.bincount(_byte_pairs(labels, predicted), minlength=256 * 256))
+                byte_pair_counts += np.bincount(_byte_pairs(labels, predicted), minlength=256 * 256)
             else:
                 keys = self._keys_with_numpy(predicted, labels)
                 counts += np.bincount(keys, minlength=counts.size).reshape(counts.shape)
 
-    def _add_byte_pairs(self, counts: np.ndarray, pair_counts: np.ndarray) -> None:
+    def _add_byte_pairs(self, byte_pair_counts: np.ndarray) -> None:
         """Adds 256 x 256 (label byte, prediction byte) counts to the table (prediction keys 1...256).
 
         The label span always holds 0...255 (first <= -1, last >= 256), so the label keys of the bytes
         are consecutive; in a wide span they are rows, which several bytes may share.
         """
-        block = pair_counts.reshape(256, 256)
+        counts, block = self._counts.numpy(), byte_pair_counts.reshape(256, 256)
         byte_keys = slice(-self._first_label, 256 - self._first_label)
         if self._rows_looked_up_per_pixel is None:
             counts[byte_keys, 1:257] += block
