@@ -3,10 +3,11 @@
 The numbers are those of evaluate's `mean_iou` metric (the mmsegmentation definition), so results can
 be compared with published ones and with other Hugging Face code, but they are computed differently:
 evaluate takes three histograms per image in numpy (after a round trip of every map through Arrow and
-PNG), whereas `MeanIoU` counts (label, prediction) value pairs with one `bincount` per batch on the
-tensors' own device, into a small table that becomes the confusion matrix at the end. Memory is then
-independent of the dataset's size, a GPU never waits on a copy of its predictions, and the counts of
-several processes are summed with one all-reduce. `scripts/benchmark_metrics.py` measures the gain.
+PNG), whereas `MeanIoU` counts (label, prediction) value pairs with one `bincount` per chunk of pixels
+into a small table that becomes the confusion matrix at the end: with numpy on one thread for CPU
+maps (fast however busy the machine is), with torch on the tensors' own device otherwise. Memory is
+then independent of the dataset's size, a GPU never waits on a copy of its predictions, and the counts
+of several processes are summed with one all-reduce. `scripts/benchmark_metrics.py` measures the gain.
 
 The definition, applied to each (prediction, label) pair of maps:
 
@@ -47,6 +48,8 @@ _MAX_LABEL_TABLE_SIZE = 1 << 24
 # Up to this many label values are counted as they are; a wider span is mapped to rows per pixel.
 _MAX_COUNTED_LABEL_VALUES = 1024
 
+# CPU maps are counted this many pixels at a time: the keys of a chunk stay in cache, and the chunks
+# are few enough that per-call costs stay small (2^18 measured best between 2^16 and 2^21).
 _CPU_CHUNK_PIXELS = 1 << 18
 
 
@@ -87,6 +90,12 @@ class MeanIoU:
     `device`, by default the device of the first predictions given, so GPU predictions are counted
     where they are. `confusion_matrix` folds it into classes; `compute` sums that over all processes
     when a distributed run is active and returns the same dict as `mean_iou` on every process.
+
+    On the CPU (numpy arrays, PIL images, CPU tensors) the pairs are counted with numpy, one thread and
+    no OpenMP: torch's CPU kernels split even small operations over all cores, and on a machine whose
+    cores are busy with other work those threads wait on each other (60 maps took seconds instead of
+    milliseconds). Maps whose values all fit a byte, as label images do, are counted as 256 x 256 byte
+    pairs, the cheapest key to build and count. Tensors on another device are counted there with torch.
     """
 
     def __init__(
@@ -121,7 +130,7 @@ class MeanIoU:
             self._rows_looked_up_per_pixel = rows
             self._row_of_label_key = torch.arange(self.num_labels + 2)
         # Predictions are counted by value + 1 for values -1 ... max(num_labels, 256), so that any
-        # uint8 map needs no clamping; the column is the class, or num_labels for "no class".
+        # byte value needs no clamping; the column is the class, or num_labels for "no class".
         self._last_prediction = max(self.num_labels, 256)
         self._column_of_prediction_key = torch.full((self._last_prediction + 2,), self.num_labels)
         self._column_of_prediction_key[1 : self.num_labels + 1] = torch.arange(self.num_labels)
@@ -129,20 +138,29 @@ class MeanIoU:
 
     def update(self, predictions: Any, references: Any) -> None:
         """Adds label maps: (B, H, W) or (H, W) tensors/arrays, or lists of (H, W) maps of any sizes."""
+        # CPU maps of byte values add up here and enter the table once, after the last map.
+        byte_pair_counts = np.zeros(256 * 256, dtype=np.int64)
         for where, prediction, reference in _paired_maps(predictions, references):
-            prediction = _as_integer_tensor(prediction, "predictions", where)
-            reference = _as_integer_tensor(reference, "references", where)
+            prediction = _as_integer_map(prediction, "predictions", where)
+            reference = _as_integer_map(reference, "references", where)
             if prediction.shape != reference.shape:
                 raise ValueError(
                     f"{where}: prediction shape {tuple(prediction.shape)} differs from reference "
                     f"shape {tuple(reference.shape)}"
                 )
             if self._counts is None:
-                self.device = self.device or prediction.device
-                self._counts = self._zero_counts()
-                if self._rows_looked_up_per_pixel is not None:
-                    self._rows_looked_up_per_pixel = self._rows_looked_up_per_pixel.to(self.device)
-            self._count(prediction.to(self.device).reshape(-1), reference.to(self.device).reshape(-1))
+                is_tensor = isinstance(prediction, torch.Tensor)
+                self._start(prediction.device if is_tensor else torch.device("cpu"))
+            if self.device.type == "cpu":
+                self._count_with_numpy(
+                    _as_flat_array(prediction), _as_flat_array(reference), byte_pair_counts
+                )
+            else:
+                self._count_with_torch(
+                    _as_flat_tensor(prediction).to(self.device), _as_flat_tensor(reference).to(self.device)
+                )
+        if self._counts is not None and self.device.type == "cpu":
+            self._add_byte_pairs(byte_pair_counts)
 
     def compute(self) -> dict[str, Any]:
         """The metrics over everything added so far, summed across processes in a distributed run.
@@ -155,7 +173,9 @@ class MeanIoU:
 
     def reset(self) -> None:
         """Forgets everything added so far (the device stays)."""
-        if self._counts is not None:
+        if self._counts is not None and self._counts.device.type == "cpu":
+            self._counts.numpy().fill(0)
+        elif self._counts is not None:
             self._counts.zero_()
 
     def confusion_matrix(self) -> torch.Tensor:
@@ -164,34 +184,75 @@ class MeanIoU:
         Rows are labels (after label_map and reduce_labels), columns predictions; the last row and
         column hold values outside [0, num_labels), which belong to no class. Ignored pixels are left out.
         """
-        counts = (self._counts if self._counts is not None else self._zero_counts()).cpu()
-        rows = self._row_of_label_key
-        # (label keys, prediction keys) -> (label rows incl. the ignored row, prediction keys)
-        by_row = torch.zeros(self.num_labels + 2, counts.shape[1], dtype=torch.int64).index_add_(
-            0, rows, counts
-        )
-        confusion = torch.zeros(self.num_labels + 2, self.num_labels + 1, dtype=torch.int64)
-        confusion.index_add_(1, self._column_of_prediction_key, by_row)
-        return confusion[: self.num_labels + 1]
+        counts = (self._counts if self._counts is not None else self._zero_counts()).cpu().numpy()
+        confusion = np.zeros((self.num_labels + 2, self.num_labels + 1), dtype=np.int64)
+        # (label key, prediction key) -> (label row incl. the ignored row, prediction column), in numpy
+        # as all CPU work here (see the class docstring)
+        rows, columns = self._row_of_label_key.numpy(), self._column_of_prediction_key.numpy()
+        np.add.at(confusion, (rows[:, None], columns[None, :]), counts)
+        return torch.from_numpy(confusion[: self.num_labels + 1])
+
+    def _start(self, device: torch.device) -> None:
+        """Creates the counts on `self.device`, or on `device` when none was given."""
+        self.device = self.device or device
+        self._counts = self._zero_counts()
+        if self._rows_looked_up_per_pixel is not None:
+            self._rows_looked_up_per_pixel = self._rows_looked_up_per_pixel.to(self.device)
 
     def _zero_counts(self) -> torch.Tensor:
         shape = (len(self._row_of_label_key), len(self._column_of_prediction_key))
+        if self.device is None or self.device.type == "cpu":
+            return torch.from_numpy(np.zeros(shape, dtype=np.int64))
         return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
-    def _count(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
-        """Adds flat maps to the counts, chunk by chunk."""
-        # On CPU, map-sized chunks keep the temporaries in cache (a whole batch at once is ~4x slower).
-        chunk = _CPU_CHUNK_PIXELS if self.device.type == "cpu" else max(len(prediction), 1)
-        for start in range(0, len(prediction), chunk):
-            self._count_chunk(prediction[start : start + chunk], reference[start : start + chunk])
+    def _count_with_numpy(
+        self, prediction: np.ndarray, reference: np.ndarray, byte_pair_counts: np.ndarray
+    ) -> None:
+        """Counts flat CPU maps in cache-sized chunks, with numpy on this thread only.
 
-    def _count_chunk(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
-        """One bincount of (label key, prediction key) pairs, added to the counts."""
+        Chunks whose values all fit a byte are counted as (label * 256 + prediction) into
+        `byte_pair_counts`, to be added with `_add_byte_pairs`; the others straight into the table.
+        """
+        counts = self._counts.numpy()  # the state itself: a CPU tensor shares its memory
+        for start in range(0, len(prediction), _CPU_CHUNK_PIXELS):
+            chunk = slice(start, start + _CPU_CHUNK_PIXELS)
+            predicted, labels = prediction[chunk], reference[chunk]
+            if _fits_a_byte(predicted) and _fits_a_byte(labels):
+                byte_pair_counts += np.bincount(_byte_pairs(labels, predicted), minlength=256 * 256)
+            else:
+                keys = self._keys_with_numpy(predicted, labels)
+                counts += np.bincount(keys, minlength=counts.size).reshape(counts.shape)
+
+    def _add_byte_pairs(self, byte_pair_counts: np.ndarray) -> None:
+        """Adds 256 x 256 (label byte, prediction byte) counts to the table (prediction keys 1...256).
+
+        The label span always holds 0...255 (first <= -1, last >= 256), so the label keys of the bytes
+        are consecutive; in a wide span they are rows, which several bytes may share.
+        """
+        counts, block = self._counts.numpy(), byte_pair_counts.reshape(256, 256)
+        byte_keys = slice(-self._first_label, 256 - self._first_label)
         if self._rows_looked_up_per_pixel is None:
-            prediction, reference = _as_uint8_if_exact(prediction), _as_uint8_if_exact(reference)
-            if prediction.dtype == reference.dtype == torch.uint8:
-                self._count_uint8(prediction, reference)
-                return
+            counts[byte_keys, 1:257] += block
+        else:
+            np.add.at(counts[:, 1:257], self._rows_looked_up_per_pixel.numpy()[byte_keys], block)
+
+    def _keys_with_numpy(self, prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """Table keys of any integer values: (label key) * width + prediction + 1, clamped to the spans."""
+        width = len(self._column_of_prediction_key)
+        labels = np.clip(reference.astype(np.int64), self._first_label, self._last_label)
+        labels -= self._first_label
+        if self._rows_looked_up_per_pixel is not None:
+            labels = self._rows_looked_up_per_pixel.numpy()[labels]
+        labels *= width
+        labels += np.clip(prediction.astype(np.int64), -1, self._last_prediction)
+        labels += 1
+        return labels
+
+    def _count_with_torch(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
+        """One bincount of (label key, prediction key) pairs on the maps' device, added to the counts."""
+        if prediction.dtype == reference.dtype == torch.uint8 and self._rows_looked_up_per_pixel is None:
+            self._count_uint8_with_torch(prediction, reference)
+            return
         width = len(self._column_of_prediction_key)
         predicted_values = _clamped(prediction, -1, self._last_prediction)
         labels = _clamped(reference, self._first_label, self._last_label)
@@ -203,7 +264,7 @@ class MeanIoU:
             keys = rows.mul_(width).add_(predicted_values).add_(1)
         self._counts += torch.bincount(keys, minlength=self._counts.numel()).view(self._counts.shape)
 
-    def _count_uint8(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
+    def _count_uint8_with_torch(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
         # Every uint8 value lies inside both spans: count the 256 x 256 value pairs as they are and add
         # them into their block of the table (label keys from -first, prediction keys from 1).
         pairs = reference.int().mul_(256).add_(prediction)
@@ -359,29 +420,45 @@ def _as_map_list(maps: Any, name: str) -> Sequence[Any]:
     raise TypeError(f"{name} must be a tensor, an array or a list of (H, W) maps, got {type(maps).__name__}")
 
 
-def _as_integer_tensor(label_map: Any, name: str, where: str) -> torch.Tensor:
-    """The map as a uint8, int32 or int64 tensor (the dtypes counted), without a copy where possible."""
+def _as_integer_map(label_map: Any, name: str, where: str) -> np.ndarray | torch.Tensor:
+    """The map as an integer numpy array or tensor (a tensor stays one, anything else becomes an array)."""
     if isinstance(label_map, torch.Tensor):
-        tensor = label_map.detach()
+        values = label_map.detach()
+        is_integer = not (values.is_floating_point() or values.is_complex())
     else:
-        array = np.asarray(label_map)
-        if array.dtype.kind in "iub":
-            if array.dtype not in (np.uint8, np.int32, np.int64):
-                array = array.astype(np.int64)
-            # Read-only arrays (PIL, datasets) are fine: the counting never writes into its inputs.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                tensor = torch.from_numpy(np.ascontiguousarray(array))
-        else:
-            tensor = None
-    if tensor is None or tensor.is_floating_point() or tensor.is_complex():
-        dtype = label_map.dtype if hasattr(label_map, "dtype") else np.asarray(label_map).dtype
-        raise TypeError(f"{where}: {name} have dtype {dtype}; label maps must hold integer class ids")
-    if tensor.ndim == 0:
+        values = np.asarray(label_map)
+        is_integer = values.dtype.kind in "iub"
+    if not is_integer:
+        raise TypeError(f"{where}: {name} have dtype {values.dtype}; label maps must hold integer class ids")
+    if values.ndim == 0:
         raise ValueError(f"{where}: {name} must be an (H, W) map, got a single value")
+    return values
+
+
+def _as_flat_array(label_map: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The map's values as a 1-D numpy array of its own integer dtype (bool as uint8), a view if possible.
+
+    Read-only arrays (PIL, datasets) are fine: the counting never writes into its inputs.
+    """
+    array = label_map.cpu().numpy() if isinstance(label_map, torch.Tensor) else label_map
+    array = array.reshape(-1)
+    return array.view(np.uint8) if array.dtype == np.bool_ else array
+
+
+def _as_flat_tensor(label_map: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The map as a 1-D uint8, int32 or int64 tensor (the dtypes counted), without a copy where possible."""
+    if isinstance(label_map, torch.Tensor):
+        tensor = label_map
+    else:
+        array = label_map
+        if array.dtype not in (np.uint8, np.int32, np.int64):
+            array = array.astype(np.int64)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.dtype not in (torch.uint8, torch.int32, torch.int64):
         tensor = tensor.to(torch.int64)
-    return tensor
+    return tensor.reshape(-1)
 
 
 def _as_image_arrays(label_maps: Sequence[Any]) -> list[np.ndarray]:
@@ -452,15 +529,25 @@ def _label_rows(
     return rows, first
 
 
-def _as_uint8_if_exact(values: torch.Tensor) -> torch.Tensor:
-    """A CPU map whose values all lie in 0..255 as uint8 (counted ~3x faster than int64); others unchanged.
+def _fits_a_byte(values: np.ndarray) -> bool:
+    """Whether every value lies in 0..255: no bit above the lowest eight is set in any of them.
 
-    On a GPU the check would cost a synchronisation per batch, more than it saves.
+    One OR over the values (a negative value has its high bits set) costs a fraction of a min and a max.
     """
-    if values.dtype == torch.uint8 or values.device.type != "cpu" or not len(values):
-        return values
-    low, high = torch.aminmax(values)
-    return values.to(torch.uint8) if 0 <= low and high <= 255 else values
+    if values.dtype == np.uint8:
+        return True
+    return int(np.bitwise_or.reduce(values)) & ~0xFF == 0
+
+
+def _byte_pairs(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """label * 256 + prediction, for values known to fit a byte (hence the unchecked casts).
+
+    uint16 from uint8 maps (the cheapest to build); otherwise the index type bincount counts in,
+    computed straight from wider maps with no cast of theirs (measured faster than narrowing them).
+    """
+    dtype = np.uint16 if labels.dtype == predictions.dtype == np.uint8 else np.intp
+    pairs = np.left_shift(labels, 8, dtype=dtype, casting="unsafe")
+    return np.bitwise_or(pairs, predictions, out=pairs, dtype=dtype, casting="unsafe")
 
 
 def _clamped(values: torch.Tensor, low: int, high: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from reference_mean_iou import reference_confusion_matrix, reference_mean_iou
 
+import segformer_hf.metrics as segformer_metrics
 from segformer_hf.metrics import (
     EVALUATE_MODULE_PATH,
     MeanIoU,
@@ -257,6 +258,134 @@ def test_a_wide_label_span_is_looked_up_per_pixel():
     )
 
 
+# The CPU kernel (numpy) and the device kernel (torch) ---------------------------------------------------
+
+KERNEL_DTYPES = [np.uint8, np.int16, np.int32, np.int64]
+
+
+def as_dtype(maps: list[np.ndarray], dtype: type) -> list[np.ndarray]:
+    """The maps in `dtype`, values clipped to what it holds (the reference is given the same maps)."""
+    limits = np.iinfo(dtype)
+    return [m.clip(limits.min, limits.max).astype(dtype) for m in maps]
+
+
+def maps_past_a_byte(seed: int, dtype: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Maps of mixed sizes, one pair with values past 0..255 (as far as `dtype` reaches), the others not."""
+    predictions, references = random_maps(seed, MIXED_SIZES, (-2, 9))
+    wide_predictions, wide_references = random_maps(seed + 1, [(6, 11)], (-400, 70_000))
+    return as_dtype(predictions + wide_predictions, dtype), as_dtype(references + wide_references, dtype)
+
+
+def confusion_counted_by(kernel: str, predictions, references, options) -> np.ndarray:
+    """MeanIoU's confusion matrix of CPU maps counted by its numpy kernel or by its torch kernel."""
+    metric = MeanIoU(**{key: value for key, value in options.items() if key != "nan_to_num"}, device="cpu")
+    if kernel == "numpy":
+        metric.update(predictions, references)
+    else:
+        metric._start(torch.device("cpu"))
+        for prediction, reference in zip(predictions, references):
+            metric._count_with_torch(
+                torch.from_numpy(prediction).reshape(-1), torch.from_numpy(reference).reshape(-1)
+            )
+    return metric.confusion_matrix().numpy()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda dtype: np.dtype(dtype).name)
+@pytest.mark.parametrize(("values", "options"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_cpu_kernel_matches_the_reference_for_each_map_dtype(dtype, values, options):
+    predictions, references = random_maps(options["num_labels"] + 20, MIXED_SIZES, values)
+    extra_predictions, extra_references = maps_past_a_byte(options["num_labels"], dtype)
+    predictions, references = (
+        as_dtype(predictions, dtype) + extra_predictions,
+        as_dtype(references, dtype) + extra_references,
+    )
+    expected = reference_mean_iou(predictions, references, **options)
+    assert_same_results(mean_iou(predictions, references, **options), expected)
+    confusion_options = {key: value for key, value in options.items() if key != "nan_to_num"}
+    np.testing.assert_array_equal(
+        confusion_counted_by("numpy", predictions, references, options),
+        reference_confusion_matrix(predictions, references, **confusion_options),
+    )
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda dtype: np.dtype(dtype).name)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_labels": 6, "ignore_index": 255},
+        {"num_labels": 7, "ignore_index": 3, "label_map": {1: 300, 300: 2, -5: 0}, "reduce_labels": True},
+        {"num_labels": 5, "ignore_index": None},
+        {"num_labels": 300, "ignore_index": -1},
+        {"num_labels": 4, "ignore_index": 65535, "label_map": {2: 65535}},  # wide span: rows per pixel
+    ],
+    ids=["ade", "label_map_reduce_labels", "no_ignore_index", "more_classes_than_a_byte", "wide_span"],
+)
+def test_cpu_and_torch_kernels_count_the_same_confusion_matrix(dtype, options):
+    predictions, references = maps_past_a_byte(17, dtype)
+    numpy_confusion = confusion_counted_by("numpy", predictions, references, options)
+    np.testing.assert_array_equal(
+        numpy_confusion, confusion_counted_by("torch", predictions, references, options)
+    )
+    np.testing.assert_array_equal(
+        numpy_confusion, reference_confusion_matrix(predictions, references, **options)
+    )
+
+
+def test_chunks_that_fit_a_byte_and_chunks_that_do_not_add_up(monkeypatch):
+    # Small chunks, so that one map is counted partly as byte pairs and partly by clamped keys.
+    monkeypatch.setattr(segformer_metrics, "_CPU_CHUNK_PIXELS", 64)
+    predictions, references = random_maps(18, [(30, 20), (9, 7), (40, 40)], (0, 9), ignore_fraction=0.02)
+    references[0][25, 3] = 1000  # past a byte: only the chunk holding it leaves the byte path
+    predictions[2][0, 0] = -1
+    for options in (
+        {"num_labels": 8, "ignore_index": 255, "reduce_labels": True},
+        {"num_labels": 5, "ignore_index": 65535, "label_map": {7: 65535}},  # byte rows folded per row
+    ):
+        metric = MeanIoU(**options)
+        metric.update(predictions[:2], references[:2])
+        metric.update(torch.from_numpy(predictions[2]), references[2])
+        assert_same_results(metric.compute(), reference_mean_iou(predictions, references, **options))
+        np.testing.assert_array_equal(
+            metric.confusion_matrix().numpy(), reference_confusion_matrix(predictions, references, **options)
+        )
+
+
+def test_pil_images_and_bool_maps_are_counted_on_the_cpu():
+    from PIL import Image
+
+    predictions, references = random_maps(19, [(13, 17), (5, 4)], (0, 6), dtype=np.uint8)
+    options = {"num_labels": 6, "ignore_index": 255, "label_map": {5: 0}}
+    images = ([Image.fromarray(m) for m in predictions], [Image.fromarray(m) for m in references])
+    assert_same_results(mean_iou(*images, **options), reference_mean_iou(predictions, references, **options))
+    masks = [m > 2 for m in predictions], [m > 3 for m in references]
+    expected = reference_mean_iou(*masks, num_labels=2, ignore_index=None)
+    assert_same_results(mean_iou(*masks, num_labels=2, ignore_index=None), expected)
+
+
+# Operations that only relabel a tensor's memory; anything else would be torch computing on the CPU.
+TORCH_METADATA_OPERATIONS = {
+    "detach", "aten::detach", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::to",
+    "aten::alias", "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided",
+}  # fmt: skip
+
+
+def test_cpu_maps_run_no_torch_kernel_so_busy_cores_cannot_stall_them():
+    # torch's CPU kernels share work among threads that wait on each other when other processes hold
+    # the cores; the CPU path must not run any, from the first update to reset.
+    from torch.profiler import ProfilerActivity, profile
+
+    predictions, references = maps_past_a_byte(20, np.int64)
+    metric = MeanIoU(num_labels=6, ignore_index=255, reduce_labels=True)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        metric.update([torch.from_numpy(m) for m in predictions], references)
+        metric.update(as_dtype(predictions, np.uint8), as_dtype(references, np.uint8))
+        metric.compute()
+        metric.confusion_matrix()
+        metric.reset()
+    operations = {event.name for event in profiler.events()}
+    assert operations <= TORCH_METADATA_OPERATIONS, operations - TORCH_METADATA_OPERATIONS
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU machine runs it)")
 def test_cuda_maps_are_counted_on_the_gpu():
     predictions, references = random_maps(14, [(32, 48)] * 4 + MIXED_SIZES, (-1, 9), extreme_fraction=0.05)
@@ -364,9 +493,14 @@ def load_benchmark_script(repo_root: Path) -> types.ModuleType:
 def test_benchmark_reports_only_identical_results(repo_root, capsys, monkeypatch):
     benchmark = load_benchmark_script(repo_root)
     arguments = ["--num_maps", "3", "--size", "24", "--num_labels", "5", "--repeats", "1"]
-    assert benchmark.main([*arguments, "--evaluate_path", EVALUATE_MODULE_PATH]) == 0
+    quick = [*arguments, "--threads", "1", "2", "--loads", "idle"]
+    assert benchmark.main([*quick, "--evaluate_path", EVALUATE_MODULE_PATH]) == 0
     report = capsys.readouterr().out
-    assert "results identical to evaluate.load(" in report and "segformer_hf MeanIoU" in report
+    for dtype in ("uint8", "int64"):
+        assert f"{dtype} maps: results identical to evaluate.load(" in report
+        table = report.split(f"{dtype} maps: time in ms (speed-up")[1]
+        assert "1 thread, idle" in table and "2 threads, idle" in table
+        assert "segformer_hf MeanIoU" in table and "MeanIoU's torch kernel on CPU tensors" in table
 
     def off_by_one_pixel(predictions, references, **options):
         return mean_iou(
@@ -374,10 +508,33 @@ def test_benchmark_reports_only_identical_results(repo_root, capsys, monkeypatch
         )
 
     monkeypatch.setattr(benchmark, "mean_iou", off_by_one_pixel)
-    assert benchmark.main(arguments) == 1  # against evaluate's cached module, or offline the reference
+    assert benchmark.main(quick) == 1  # against evaluate's cached module, or offline the reference
     captured = capsys.readouterr()
     assert "REFUSING TO REPORT: segformer_hf mean_iou (one call) differs" in captured.err
     assert "speed-up" not in captured.out
+
+
+def test_benchmark_busy_load_runs_only_while_measuring_and_stops_by_itself(repo_root, capsys):
+    benchmark = load_benchmark_script(repo_root)
+    with benchmark.busy_machine(threads=1, seconds=60) as process:
+        assert process.poll() is None  # running (it said "busy")
+    assert process.poll() is not None  # stopped on leaving the block
+    with benchmark.busy_machine(threads=1, seconds=0.5) as process:
+        process.wait(timeout=60)  # the time bound ends it even if nobody stops it
+    arguments = [
+        "--num_maps",
+        "2",
+        "--size",
+        "16",
+        "--num_labels",
+        "4",
+        "--repeats",
+        "1",
+        "--dtypes",
+        "uint8",
+    ]
+    assert benchmark.main([*arguments, "--threads", "2", "--loads", "busy", "--busy_threads", "1"]) == 0
+    assert "2 threads, busy" in capsys.readouterr().out
 
 
 # Two processes -----------------------------------------------------------------------------------------
