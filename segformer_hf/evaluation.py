@@ -79,13 +79,24 @@ def evaluate_model(
                     window_batch_size=window_batch_size,
                     autocast_dtype=autocast_dtype,
                 )
-                metric.update(scores_to_labels(scores, are_probabilities).cpu(), labels.cpu())
+                metric.update(*_compact(scores_to_labels(scores, are_probabilities), labels))
                 num_samples += len(labels)
     results = {
         key: value.tolist() if hasattr(value, "tolist") else value for key, value in metric.compute().items()
     }
     results["num_samples"] = _sum_over_processes(num_samples, accelerator)
     return results
+
+
+def _compact(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label maps as uint8 on the CPU when their values fit: 8x less to copy from a GPU, and the metric's
+    fastest counting path (byte pairs). Values that do not fit stay as they are."""
+
+    def compact(maps: torch.Tensor) -> torch.Tensor:
+        fits = maps.numel() == 0 or (int(maps.min()) >= 0 and int(maps.max()) <= 255)
+        return (maps.to(torch.uint8) if fits else maps).cpu()
+
+    return compact(predictions), compact(labels)
 
 
 def same_size_groups(batch: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
