@@ -444,8 +444,11 @@ class SegformerHFDecodeHead(nn.Module):
             stage_weights = [(scale[:, None] * weight, scale * bias) for weight, bias in stage_weights]
             stage_weights[0] = (stage_weights[0][0], stage_weights[0][1] + shift)
         # Without autograd (inference) every stage is upsampled into one reused buffer: on a CPU a fresh
-        # (B, C, H/4, W/4) tensor costs about as much in page faults as the upsampling that fills it.
-        reuse_buffer = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # (B, C, H/4, W/4) tensor costs about as much in page faults as the upsampling that fills it. Not
+        # when tracing: the TorchScript (ONNX) tracer would record the buffer's size as a constant.
+        reuse_buffer = (
+            not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        )
         fused = upsampled = None
         for features, (weight, bias) in zip(stage_features, stage_weights):
             # (B, C_i, H_i, W_i) -> (B, C, H_i, W_i): a 1x1 convolution by the composed weights. The stage
