@@ -142,10 +142,8 @@ class SegformerHFMixFFN(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         expanded = self.fc1(tokens)
-        # (B, N, 4C) -> (B, 4C, H, W), a channels-last view: no copy before the convolution. `view` rather
-        # than `unflatten`: the TorchScript ONNX exporter gives unflatten's output the traced static shape,
-        # which then freezes every later size in the graph (see segformer_hf.onnx_export).
-        grid = expanded.view(expanded.shape[0], height, width, -1).permute(0, 3, 1, 2)
+        # (B, N, 4C) -> (B, 4C, H, W), a channels-last view: no copy before the convolution
+        grid = expanded.unflatten(1, (height, width)).permute(0, 3, 1, 2)
         # (B, 4C, H, W) -> (B, N, 4C)
         mixed = self.depthwise_conv(grid).flatten(2).transpose(1, 2)
         mixed = self.dropout(self.activation(mixed))
@@ -231,8 +229,9 @@ class SegformerHFStage(nn.Module):
         for layer in self.layers:
             tokens = layer(tokens, height, width)
         tokens = self.layer_norm(tokens)
-        # (B, H*W, C) -> (B, C, H, W), left in channels-last memory order (a view, no copy; `view` for the
-        # ONNX exporter, as in the Mix-FFN)
+        # (B, H*W, C) -> (B, C, H, W), left in channels-last memory order (a view, no copy). `view`, not
+        # `unflatten`: the TorchScript ONNX exporter gives unflatten's output the traced sizes, and the next
+        # stage's reshapes then read them as constants, so the graph only ran at the traced size.
         return tokens.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2)
 
 

@@ -118,9 +118,12 @@ def export_onnx(
         _make_self_contained(onnx, path)
         checks = []
         if verify:
-            checks = verify_onnx(
-                path, reference, sizes=verify_sizes, batch_size=verify_batch, tolerance=TOLERANCES[dtype]
-            )
+            try:
+                checks = verify_onnx(
+                    path, reference, sizes=verify_sizes, batch_size=verify_batch, tolerance=TOLERANCES[dtype]
+                )
+            except OnnxVerificationError as error:
+                raise OnnxVerificationError(f"{output} not written: {error}") from error
         opset_used = _default_opset(onnx, path)
         os.replace(path, output)
     return ExportReport(path=output, exporter=exporter, opset=opset_used, dtype=dtype, checks=checks)
@@ -161,12 +164,12 @@ def verify_onnx(
                 [OUTPUT_NAME], {INPUT_NAME: pixel_values.numpy().astype(input_dtype)}
             )
         except Exception as error:  # onnxruntime raises its own exception types, one per status code
-            raise OnnxVerificationError(f"{path}: onnxruntime failed ({where}): {error}") from error
+            raise OnnxVerificationError(f"onnxruntime failed ({where}): {error}") from error
         onnx_logits = torch.from_numpy(onnx_logits).float()
         expected = _pytorch_logits(model, pixel_values)
         if onnx_logits.shape != expected.shape:
             raise OnnxVerificationError(
-                f"{path}: onnxruntime logits have shape {tuple(onnx_logits.shape)}, PyTorch's "
+                f"onnxruntime logits have shape {tuple(onnx_logits.shape)}, PyTorch's "
                 f"{tuple(expected.shape)} ({where})"
             )
         difference = float((onnx_logits - expected).abs().max())
@@ -174,7 +177,7 @@ def verify_onnx(
         # `not <=` also catches NaN.
         if not difference <= allowed:
             raise OnnxVerificationError(
-                f"{path}: onnxruntime and PyTorch logits disagree ({where}): max abs difference "
+                f"onnxruntime and PyTorch logits disagree ({where}): max abs difference "
                 f"{difference:.3e} > tolerance {allowed:.3e}"
             )
         checks.append(SizeCheck(batch_size, height, width, difference, allowed))
@@ -283,8 +286,9 @@ def onnxruntime_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session for the file; `threads` intra-op threads (default: onnxruntime's choice)."""
     onnxruntime = _import_optional("onnxruntime")
     options = onnxruntime.SessionOptions()
-    # Errors only: onnxruntime warns, for example, that it cannot pre-compute float16 products on the CPU.
-    options.log_severity_level = 3
+    # Silent: onnxruntime warns, for example, that it cannot pre-compute float16 products on the CPU, and
+    # its errors reach the caller as exceptions anyway.
+    options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
