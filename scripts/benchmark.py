@@ -17,7 +17,12 @@ odd ones) after warm-up runs, timed to completion (CUDA is synchronised), summar
   inference throughput  batch 8, the same (reported as images per second too)
   training step         batch 2 with labels: forward with the loss, backward, AdamW step
 
-Ratios are ours / transformers': below 1 is faster (or smaller). Peak memory is the most memory one step
+On the CPU, the inference workloads also time onnxruntime (CPU execution provider, as many intra-op
+threads as torch) running our model exported with segformer_hf.onnx_export (verified by the export
+itself, and its logits also held to the tolerance above against transformers'); --no_onnx leaves it out.
+
+Ratios are ours / transformers': below 1 is faster (or smaller); the onnxruntime ratio is onnxruntime /
+transformers'. Peak memory is the most memory one step
 holds above what was allocated before it: on CUDA, torch.cuda.max_memory_allocated; on CPU, the
 high-water mark of the bytes held by PyTorch's CPU allocator (every tensor and oneDNN buffer), replayed
 from the profiler's allocation events, which is the CPU analogue of max_memory_allocated (the process'
@@ -32,6 +37,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -50,11 +56,12 @@ from segformer_hf import SegformerHFConfig  # noqa: E402
 from segformer_hf.configuration_segformer_hf import VARIANTS  # noqa: E402
 from segformer_hf.conversion import from_reference, transformers_config  # noqa: E402
 from segformer_hf.files import write_json_atomic  # noqa: E402
+from segformer_hf.onnx_export import EXPORTERS, INPUT_NAME, OUTPUT_NAME, OnnxVerificationError  # noqa: E402
 
 TOLERANCE = 1e-5
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORED_FRACTION = 0.05
-MODEL_NAMES = ("ours", "transformers")
+ONNX_NAME = "onnxruntime"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    parser.add_argument("--no_onnx", action="store_true", help="skip the onnxruntime column (CPU only)")
+    parser.add_argument(
+        "--onnx_exporter",
+        choices=EXPORTERS,
+        default="torchscript",
+        help="exporter for the onnxruntime column",
+    )
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,9 +159,12 @@ def relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def check_agreement(
-    models: dict[str, nn.Module], pixel_values: torch.Tensor, labels: torch.Tensor
+    models: dict[str, nn.Module], pixel_values: torch.Tensor, labels: torch.Tensor, onnx_session: Any = None
 ) -> dict[str, Any]:
-    """Logits and loss of both models in eval mode, float32, no autocast; agree when both <= TOLERANCE."""
+    """Logits and loss of both models in eval mode, float32, no autocast; agree when both <= TOLERANCE.
+
+    With an onnxruntime session, its logits are held to the same tolerance against transformers'.
+    """
     outputs = {}
     with torch.no_grad():
         for name, model in models.items():
@@ -157,13 +174,27 @@ def check_agreement(
     (our_logits, our_loss), (reference_logits, reference_loss) = outputs["ours"], outputs["transformers"]
     logits_error = relative_l2(our_logits, reference_logits)
     loss_error = relative_l2(our_loss, reference_loss)
-    return {
+    result = {
         "logits_relative_l2": logits_error,
         "loss_relative_l2": loss_error,
         "tolerance": TOLERANCE,
         # `<=` is False for NaN, so a NaN anywhere counts as disagreement.
         "agree": logits_error <= TOLERANCE and loss_error <= TOLERANCE,
     }
+    if onnx_session is not None:
+        (onnx_logits,) = onnx_session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.cpu().numpy()})
+        onnx_error = relative_l2(torch.from_numpy(onnx_logits), reference_logits.cpu())
+        result["onnxruntime_logits_relative_l2"] = onnx_error
+        result["agree"] = result["agree"] and onnx_error <= TOLERANCE
+    return result
+
+
+def export_for_onnxruntime(model: nn.Module, path: Path, exporter: str) -> Any:
+    """Our model as a verified ONNX file at `path`, and an onnxruntime session with torch's thread count."""
+    from segformer_hf.onnx_export import export_onnx, onnxruntime_session
+
+    export_onnx(model, path, exporter=exporter)
+    return onnxruntime_session(path, threads=torch.get_num_threads())
 
 
 # Timing and memory -----------------------------------------------------------------------------------------
@@ -182,6 +213,15 @@ def inference_step(
         model.eval()
         with torch.inference_mode(), autocast():
             model(pixel_values=pixel_values)
+
+    return step
+
+
+def onnxruntime_step(session: Any, pixel_values: torch.Tensor) -> Callable[[], None]:
+    feed = {INPUT_NAME: pixel_values.cpu().contiguous().numpy()}
+
+    def step() -> None:
+        session.run([OUTPUT_NAME], feed)
 
     return step
 
@@ -275,7 +315,11 @@ def workloads(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
 
 
 def benchmark_variant(
-    models: dict[str, nn.Module], args: argparse.Namespace, device: torch.device, ignore_index: int
+    models: dict[str, nn.Module],
+    args: argparse.Namespace,
+    device: torch.device,
+    ignore_index: int,
+    onnx_session: Any = None,
 ) -> list[dict[str, Any]]:
     autocast_dtype = DTYPES[args.dtype]
 
@@ -299,12 +343,15 @@ def benchmark_variant(
             else inference_step(model, pixel_values, autocast)
             for model_name, model in models.items()
         }
+        if onnx_session is not None and not training:
+            steps[ONNX_NAME] = onnxruntime_step(onnx_session, pixel_values)
         # Compilation happens in the first runs: never time them.
         warmup = max(args.warmup, 2 if args.compile else 0)
         seconds = time_alternating(steps, warmup, args.repeats, synchronize)
-        peaks = {model_name: None for model_name in models}
+        # onnxruntime allocates outside PyTorch, so its memory is not measured.
+        peaks = {model_name: None for model_name in steps}
         if not args.no_memory:
-            peaks = {model_name: peak_memory_bytes(step, device) for model_name, step in steps.items()}
+            peaks.update({model_name: peak_memory_bytes(steps[model_name], device) for model_name in models})
         rows.append(_summarise(name, batch_size, seconds, peaks))
     return rows
 
@@ -313,7 +360,7 @@ def _summarise(
     name: str, batch_size: int, seconds: dict[str, list[float]], peaks: dict[str, int | None]
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"workload": name, "batch_size": batch_size}
-    for model_name in MODEL_NAMES:
+    for model_name in seconds:
         median = statistics.median(seconds[model_name])
         row[model_name] = {
             "median_ms": median * 1e3,
@@ -322,6 +369,8 @@ def _summarise(
             "peak_memory_mib": None if peaks[model_name] is None else peaks[model_name] / 2**20,
         }
     row["time_ratio"] = row["ours"]["median_ms"] / row["transformers"]["median_ms"]
+    if ONNX_NAME in row:
+        row["onnxruntime_time_ratio"] = row[ONNX_NAME]["median_ms"] / row["transformers"]["median_ms"]
     our_peak, reference_peak = row["ours"]["peak_memory_mib"], row["transformers"]["peak_memory_mib"]
     row["memory_ratio"] = our_peak / reference_peak if our_peak is not None and reference_peak else None
     return row
@@ -366,6 +415,7 @@ def format_table(results: dict[str, Any]) -> str:
     header = (
         f"{'variant':<8}{'workload':<22}{'batch':>6}{'ours ms':>11}{'transf. ms':>12}{'time ratio':>12}"
         f"{'ours img/s':>12}{'transf. img/s':>15}{'ours MiB':>10}{'transf. MiB':>13}{'mem ratio':>11}"
+        f"{'ORT ms':>10}{'ORT ratio':>11}"
     )
     lines = [header, "-" * len(header)]
     for variant, result in results.items():
@@ -378,6 +428,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_optional(ours['peak_memory_mib'], '.0f'):>10}"
                 f"{_optional(reference['peak_memory_mib'], '.0f'):>13}"
                 f"{_optional(row['memory_ratio'], '.3f'):>11}"
+                f"{_optional(row.get(ONNX_NAME, {}).get('median_ms'), '.1f'):>10}"
+                f"{_optional(row.get('onnxruntime_time_ratio'), '.3f'):>11}"
             )
     return "\n".join(lines)
 
@@ -397,25 +449,55 @@ def main(argv: list[str] | None = None) -> int:
     print("Environment: " + ", ".join(f"{key}={value}" for key, value in info.items()))
     print("Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
 
+    with tempfile.TemporaryDirectory(prefix="benchmark-onnx-") as onnx_directory:
+        return _run(args, device, info, settings, Path(onnx_directory))
+
+
+def _run(
+    args: argparse.Namespace,
+    device: torch.device,
+    info: dict[str, Any],
+    settings: dict[str, Any],
+    onnx_directory: Path,
+) -> int:
     # Every variant is checked before anything is timed, so a disagreement reports no timing at all.
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    prepared: dict[str, tuple[dict[str, nn.Module], int]] = {}
+    use_onnx = device.type == "cpu" and not args.no_onnx
+    prepared: dict[str, tuple[dict[str, nn.Module], int, Any]] = {}
     agreement: dict[str, dict[str, Any]] = {}
     for variant in args.variants:
         models = build_models(variant, args.num_labels, args.seed)
         ignore_index = models["ours"].config.semantic_loss_ignore_index
+        onnx_session = None
+        if use_onnx:
+            try:
+                path = onnx_directory / f"{variant}.onnx"
+                onnx_session = export_for_onnxruntime(models["ours"], path, args.onnx_exporter)
+            except ImportError as error:
+                print(f"No onnxruntime column: {error}", file=sys.stderr)
+                use_onnx = False
+            except OnnxVerificationError as error:
+                print(f"error: the ONNX export of our {variant} disagrees with it: {error}", file=sys.stderr)
+                return 1
         models = {
             name: prepare(model, device, args.channels_last, args.compile) for name, model in models.items()
         }
         pixel_values, labels = make_inputs(2, args.size, args.num_labels, ignore_index, seed=args.seed)
         agreement[variant] = check_agreement(
-            models, pixel_values.to(device).contiguous(memory_format=memory_format), labels.to(device)
+            models,
+            pixel_values.to(device).contiguous(memory_format=memory_format),
+            labels.to(device),
+            onnx_session,
         )
+        onnx_note = ""
+        if onnx_session is not None:
+            onnx_note = f", onnxruntime logits {agreement[variant]['onnxruntime_logits_relative_l2']:.2e}"
         print(
             f"Agreement {variant}: logits relative L2 {agreement[variant]['logits_relative_l2']:.2e}, "
-            f"loss relative difference {agreement[variant]['loss_relative_l2']:.2e} (tolerance {TOLERANCE:g})"
+            f"loss relative difference {agreement[variant]['loss_relative_l2']:.2e}{onnx_note} "
+            f"(tolerance {TOLERANCE:g})"
         )
-        prepared[variant] = (models, ignore_index)
+        prepared[variant] = (models, ignore_index, onnx_session)
     disagreeing = [variant for variant, result in agreement.items() if not result["agree"]]
     if disagreeing:
         print(
@@ -426,15 +508,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     results = {}
-    for variant, (models, ignore_index) in prepared.items():
+    for variant, (models, ignore_index, onnx_session) in prepared.items():
         results[variant] = {
             "agreement": agreement[variant],
-            "workloads": benchmark_variant(models, args, device, ignore_index),
+            "workloads": benchmark_variant(models, args, device, ignore_index, onnx_session),
         }
         print(f"Done: {variant}", flush=True)
     print()
     print(format_table(results))
     print("time ratio and mem ratio are ours / transformers' (below 1: ours is faster / smaller).")
+    if any(onnx_session is not None for _, _, onnx_session in prepared.values()):
+        print(
+            f"ORT: onnxruntime (CPU), our model exported by {args.onnx_exporter}; ORT ratio: ORT / transformers'."
+        )
     if args.json is not None:
         write_json_atomic(args.json, {"environment": info, "settings": settings, "results": results})
         print(f"Wrote {args.json}")

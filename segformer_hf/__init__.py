@@ -19,6 +19,7 @@ from .modeling_segformer_hf import (
     SegformerHFModel,
     SegformerHFPreTrainedModel,
 )
+from .onnx_export import export_onnx  # onnx and onnxruntime are imported only when an export runs
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "SegformerHFForSemanticSegmentation",
     "SegformerHFModel",
     "SegformerHFPreTrainedModel",
+    "export_onnx",
     "from_reference",
     "to_transformers",
 ]

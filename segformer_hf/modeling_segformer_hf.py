@@ -115,6 +115,7 @@ class SegformerHFEfficientSelfAttention(nn.Module):
             self.key_value(context)
             .view(batch_size, -1, 2, self.num_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
+            .unbind(0)
         )
         attended = F.scaled_dot_product_attention(
             query, key, value, dropout_p=self.dropout_prob if self.training else 0.0
@@ -229,8 +230,10 @@ class SegformerHFStage(nn.Module):
         for layer in self.layers:
             tokens = layer(tokens, height, width)
         tokens = self.layer_norm(tokens)
-        # (B, H*W, C) -> (B, C, H, W), left in channels-last memory order (a view, no copy)
-        return tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+        # (B, H*W, C) -> (B, C, H, W), left in channels-last memory order (a view, no copy). `view`, not
+        # `unflatten`: the TorchScript ONNX exporter gives unflatten's output the traced sizes, and the next
+        # stage's reshapes then read them as constants, so the graph only ran at the traced size.
+        return tokens.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2)
 
 
 class SegformerHFPreTrainedModel(PreTrainedModel):
@@ -480,8 +483,11 @@ class SegformerHFDecodeHead(nn.Module):
             stage_weights = [(scale[:, None] * weight, scale * bias) for weight, bias in stage_weights]
             stage_weights[0] = (stage_weights[0][0], stage_weights[0][1] + shift)
         # Without autograd (inference) every stage is upsampled into one reused buffer: on a CPU a fresh
-        # (B, C, H/4, W/4) tensor costs about as much in page faults as the upsampling that fills it.
-        reuse_buffer = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # (B, C, H/4, W/4) tensor costs about as much in page faults as the upsampling that fills it. Not
+        # when tracing: the TorchScript (ONNX) tracer would record the buffer's size as a constant.
+        reuse_buffer = (
+            not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        )
         fused = upsampled = None
         for features, (weight, bias) in zip(stage_features, stage_weights):
             # (B, C_i, H_i, W_i) -> (B, C, H_i, W_i): a 1x1 convolution by the composed weights. The stage

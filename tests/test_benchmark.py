@@ -80,6 +80,27 @@ def test_agreement_check_fails_when_only_the_loss_differs(benchmark_script, mode
     assert not result["agree"]
 
 
+def test_agreement_check_holds_onnxruntime_logits_to_the_same_tolerance(benchmark_script, models):
+    pixel_values, labels = _inputs(benchmark_script, models)
+    with torch.no_grad():
+        reference_logits = models["transformers"].eval()(pixel_values=pixel_values).logits.numpy()
+
+    class FakeSession:  # stands in for onnxruntime: returns transformers' logits, shifted by `offset`
+        offset = 0.0
+
+        def run(self, output_names, feed):
+            assert output_names == ["logits"] and list(feed) == ["pixel_values"]
+            return [reference_logits + self.offset]
+
+    session = FakeSession()
+    result = benchmark_script.check_agreement(models, pixel_values, labels, session)
+    assert result["agree"] and result["onnxruntime_logits_relative_l2"] == 0.0
+    session.offset = 1e-3 * float(abs(reference_logits).max())
+    result = benchmark_script.check_agreement(models, pixel_values, labels, session)
+    assert result["onnxruntime_logits_relative_l2"] > benchmark_script.TOLERANCE
+    assert not result["agree"]
+
+
 def test_relative_l2_is_the_norm_of_the_difference_over_the_reference_norm(benchmark_script):
     assert benchmark_script.relative_l2(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 5.0])) == pytest.approx(
         math.sqrt(9 + 1) / 5
@@ -144,6 +165,7 @@ def test_quick_run_prints_the_table_and_writes_every_number_to_json(benchmark_sc
     assert report["settings"]["size"] == SIZE
     result = report["results"]["b0"]
     assert result["agreement"]["agree"]
+    assert result["agreement"]["onnxruntime_logits_relative_l2"] <= benchmark_script.TOLERANCE
     rows = {row["workload"]: row for row in result["workloads"]}
     assert list(rows) == ["inference latency", "inference throughput", "training step"]
     assert [rows[name]["batch_size"] for name in rows] == [1, 2, 2]
@@ -156,6 +178,14 @@ def test_quick_run_prints_the_table_and_writes_every_number_to_json(benchmark_sc
             assert side["images_per_second"] == pytest.approx(row["batch_size"] * 1e3 / side["median_ms"])
         assert row["time_ratio"] == pytest.approx(ours["median_ms"] / reference["median_ms"])
         assert row["memory_ratio"] == pytest.approx(ours["peak_memory_mib"] / reference["peak_memory_mib"])
+        if name == "training step":
+            assert "onnxruntime" not in row and "onnxruntime_time_ratio" not in row
+        else:
+            onnx_runs = row["onnxruntime"]["runs_ms"]
+            assert len(onnx_runs) == 2 and all(value > 0 for value in onnx_runs)
+            assert row["onnxruntime_time_ratio"] == pytest.approx(
+                row["onnxruntime"]["median_ms"] / reference["median_ms"]
+            )
         # Every step at least allocates its logits, (B, 19, SIZE/4, SIZE/4) float32 values.
         logits_mib = row["batch_size"] * 19 * (SIZE // 4) ** 2 * 4 / 2**20
         assert ours["peak_memory_mib"] >= logits_mib and reference["peak_memory_mib"] >= logits_mib

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
-from segformer_hf.hub import HubPushError, build_model_card, push_to_hub, write_model_card
 from segformer_hf.arguments import TrainingConfig
+from segformer_hf.hub import HubPushError, build_model_card, push_to_hub, write_model_card
 from segformer_hf.training import save_model_files
 
 REPO_ID = "someone/segformer-b0-test"

@@ -182,7 +182,9 @@ def test_multiscale_resizes_each_view_and_resizes_its_scores_back(model, images)
 
 def test_multiscale_slide_runs_the_sliding_window_on_each_scaled_view(model, images):
     expected = upsample(reference_slide(model, upsample(images, (96, 144)), (48, 48), (32, 32)), (64, 96))
-    actual = predict_multiscale(model, images, [1.5], mode="slide", crop_size=48, stride=32, window_batch_size=5)
+    actual = predict_multiscale(
+        model, images, [1.5], mode="slide", crop_size=48, stride=32, window_batch_size=5
+    )
     expected = expected.softmax(1)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
@@ -261,7 +263,9 @@ def test_a_single_label_model_predicts_foreground_where_the_logit_is_positive():
     logits = predict_whole(binary, pixel_values)
     (label_map,) = segment(binary, (pixel_values[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
     assert set(np.unique(label_map)) <= {0, 1}
-    probabilities, are_probabilities = predict_scores(binary, pixel_values, protocol=InferenceProtocol(flip=True))
+    probabilities, are_probabilities = predict_scores(
+        binary, pixel_values, protocol=InferenceProtocol(flip=True)
+    )
     assert are_probabilities and probabilities.min() >= 0 and probabilities.max() <= 1
     assert logits.shape == (1, 1, 32, 32)
 

@@ -88,7 +88,9 @@ def test_impossible_values_are_rejected_before_any_work(override, message):
 
 
 def test_a_warm_up_longer_than_a_short_run_is_shortened_with_a_warning(caplog):
-    config = load_config(None, {"data_dir": "somewhere", "model_variant": "b0", "warmup_steps": 1500, "max_train_steps": 12})
+    config = load_config(
+        None, {"data_dir": "somewhere", "model_variant": "b0", "warmup_steps": 1500, "max_train_steps": 12}
+    )
     assert config.warmup_steps == 11
     assert "warm-up shortened to 11 steps" in caplog.text
 
@@ -233,11 +235,14 @@ def test_a_handful_of_images_is_overfitted(tmp_path):
             "--validation_split",
             "train",
             "--ratio_range",
-            "1.0", "1.0",
+            "1.0",
+            "1.0",
             "--img_scale",
-            "96", "72",
+            "96",
+            "72",
             "--crop_size",
-            "72", "96",
+            "72",
+            "96",
             "--flip_prob",
             "0.0",
             "--photometric_distortion",
