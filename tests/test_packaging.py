@@ -105,8 +105,11 @@ def test_installed_wheel_trains_the_demo_recipe_from_an_empty_directory(wheel, t
     # Only the installed copy is importable first; the dependencies come from this environment.
     environment = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
 
+    # The installed copy is the one imported, and gradio (an optional dependency) is not imported with it.
+    code = "import sys, segformer_hf, segformer_hf.cli, segformer_hf.demo, segformer_hf.hub; "
+    code += "print(segformer_hf.__file__, 'gradio' in sys.modules)"
     where = subprocess.run(
-        [sys.executable, "-c", "import segformer_hf; print(segformer_hf.__file__)"],
+        [sys.executable, "-c", code],
         cwd=workdir,
         env=environment,
         capture_output=True,
@@ -114,7 +117,9 @@ def test_installed_wheel_trains_the_demo_recipe_from_an_empty_directory(wheel, t
         timeout=120,
     )
     assert where.returncode == 0, where.stderr[-3000:]
-    assert Path(where.stdout.strip()).is_relative_to(target), where.stdout
+    package_file, gradio_imported = where.stdout.split()
+    assert Path(package_file).is_relative_to(target), where.stdout
+    assert gradio_imported == "False", "importing segformer_hf must not import gradio"
 
     # The console script pip wrote, which runs segformer_hf.cli:main.
     command = [str(target / "bin" / "segformer-hf"), "train", "--config", "demo", "--max_train_steps", "2"]
