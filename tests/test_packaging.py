@@ -7,6 +7,7 @@ checkout can hide a file that package_data misses.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,3 +133,21 @@ def test_installed_wheel_trains_the_demo_recipe_from_an_empty_directory(wheel, t
     for name in ("model.safetensors", "config.json", "modeling_segformer_hf.py", "all_results.json"):
         assert (output / name).is_file(), name
     assert "mean IoU" in run.stdout + run.stderr
+
+
+def test_no_text_tells_users_to_pip_install_the_unpublished_package():
+    """segformer_hf is not on PyPI: advice must name things that install (`pip install .`, `".[demo]"`)."""
+    unpublished = re.compile(r"pip install\s+[\"']?segformer[_-]hf(?![\w/.-]*\.whl)", re.IGNORECASE)
+    texts = [
+        *PACKAGE.rglob("*.py"),
+        *(REPO_ROOT / "scripts").glob("*.py"),
+        *(REPO_ROOT / "docs").glob("*.md"),
+    ]
+    texts.append(REPO_ROOT / "README.md")
+    offending = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for path in texts
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if unpublished.search(line)
+    ]
+    assert not offending, offending
