@@ -454,18 +454,8 @@ def push_to_hub(
         FileNotFoundError, ValueError: `output_dir` is not a complete segformer_hf output directory.
     """
     _check_format(format)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise HubPushError(f"{repo_id!r} is not a valid Hub repo id: {error}") from error
-    if repo_id.count("/") != 1:
-        raise HubPushError(f"{repo_id!r} is not a valid Hub repo id: use USER/NAME or ORGANISATION/NAME.")
-    token = token or huggingface_hub.get_token()
-    if not token:
-        raise HubPushError(
-            f"Not logged in to the Hugging Face Hub, so nothing was pushed to {repo_id}. Run `hf auth login` "
-            "with a token that has write access, or set HF_TOKEN, or pass --token (token=...)."
-        )
+    _check_repo_id(repo_id)
+    token = _token_or_explain(token, repo_id)
     output_dir = Path(output_dir)
     with tempfile.TemporaryDirectory(prefix="segformer_hf-push-") as staging:
         uploaded = prepare_upload_folder(output_dir, staging, format=format, repo_id=repo_id)
@@ -546,10 +536,53 @@ def prepare_upload_folder(
     return sorted(path.name for path in destination.iterdir())
 
 
+def push_space(
+    space_id: str,
+    model_id: str,
+    *,
+    examples: list[str | os.PathLike] | tuple = (),
+    private: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Uploads a Gradio Space that serves `segformer-hf demo` for the Hub model `model_id`; returns its URL.
+
+    The Space's files (app.py, requirements.txt, its README with the Space metadata, the package source
+    and copies of the `examples` images; see `demo.write_space`) are staged in a temporary directory and
+    sent in one commit. The model must be on the Hub for the Space to load it.
+
+    Raises:
+        HubPushError: as `push_to_hub`.
+        ImportError: gradio is not installed (the Space runs the gradio version the app is built with).
+    """
+    from .demo import write_space
+
+    for repo_id in (space_id, model_id):
+        _check_repo_id(repo_id)
+    token = _token_or_explain(token, space_id)
+    with tempfile.TemporaryDirectory(prefix="segformer_hf-space-") as staging:
+        uploaded = write_space(staging, model_id, examples=examples)
+        logger.info("Pushing a demo Space for %s to %s: %d files", model_id, space_id, len(uploaded))
+        api = HfApi(token=token)
+        retry_command = " ".join(
+            ["python scripts/push_to_hub.py", "--repo_id", model_id, "--space", space_id]
+            + (["--private"] if private else [])
+        )
+        commit_message = commit_message or f"Demo of {model_id} (segformer-hf demo)"
+        with _explain_hub_errors(space_id, None, retry_command):
+            repo_url = api.create_repo(
+                space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio"
+            )
+            api.upload_folder(
+                repo_id=space_id, repo_type="space", folder_path=staging, commit_message=commit_message
+            )
+    return str(repo_url)
+
+
 @contextmanager
-def _explain_hub_errors(repo_id: str, output_dir: Path, retry_command: str) -> Iterator[None]:
+def _explain_hub_errors(repo_id: str, output_dir: Path | None, retry_command: str) -> Iterator[None]:
     """Turns the Hub client's errors into messages that say what to do next."""
-    unchanged = f"Nothing was uploaded; {output_dir} is unchanged."
+    unchanged = f"Nothing was uploaded; {output_dir} is unchanged." if output_dir else "Nothing was uploaded."
     retry = f"then run the push again ({retry_command})."
     try:
         yield
@@ -589,6 +622,25 @@ def _explain_hub_errors(repo_id: str, output_dir: Path, retry_command: str) -> I
 
 
 # Small helpers ----------------------------------------------------------------------------------------------
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubPushError(f"{repo_id!r} is not a valid Hub repo id: {error}") from error
+    if repo_id.count("/") != 1:
+        raise HubPushError(f"{repo_id!r} is not a valid Hub repo id: use USER/NAME or ORGANISATION/NAME.")
+
+
+def _token_or_explain(token: str | None, repo_id: str) -> str:
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise HubPushError(
+            f"Not logged in to the Hugging Face Hub, so nothing was pushed to {repo_id}. Run `hf auth login` "
+            "with a token that has write access, or set HF_TOKEN, or pass --token (token=...)."
+        )
+    return token
 
 
 def _check_format(format: str) -> None:
@@ -659,6 +711,7 @@ __all__ = [
     "build_model_card",
     "hub_model_id",
     "prepare_upload_folder",
+    "push_space",
     "push_to_hub",
     "started_from_nvidia_weights",
     "write_model_card",
@@ -671,34 +724,82 @@ __all__ = [
 def parse_push_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="segformer-hf push",
-        description="Push a trained output directory to the Hub, with its model card, in one commit.",
+        description="Push a trained output directory to the Hub, with its model card, in one commit; "
+        "with --space, also a Gradio Space that serves the model's demo (`segformer-hf demo`).",
     )
-    parser.add_argument("output_dir", help="the output directory of a training run (scripts/train.py)")
-    parser.add_argument("--repo_id", required=True, help="USER/NAME or ORGANISATION/NAME; created if missing")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument(
+        "output_dir",
+        nargs="?",
+        default=None,
+        help="the output directory of a training run (scripts/train.py); leave out with --space to push "
+        "only a Space for a model already on the Hub",
+    )
+    parser.add_argument(
+        "--repo_id", required=True, help="USER/NAME or ORGANISATION/NAME of the model; created if missing"
+    )
+    parser.add_argument("--private", action="store_true", help="create the repositories as private")
     parser.add_argument("--format", choices=FORMATS, default="segformer_hf", help="what the repository holds")
     parser.add_argument("--commit_message", default=None)
     parser.add_argument(
         "--token", default=None, help="a write token (default: the `hf auth login` one, or HF_TOKEN)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--space",
+        default=None,
+        metavar="USER/NAME",
+        help="also push a Gradio Space running the demo of --repo_id",
+    )
+    parser.add_argument(
+        "--examples",
+        default=None,
+        help="directory of example images for the Space (default: the bundled CamVid images when "
+        "OUTPUT_DIR's model predicts their classes)",
+    )
+    arguments = parser.parse_args(argv)
+    if arguments.output_dir is None and arguments.space is None:
+        parser.error("give the OUTPUT_DIR to push, or --space USER/NAME (or both)")
+    return arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`segformer-hf push OUTPUT_DIR --repo_id USER/NAME`: exit 0 and print the URL, 1 with the reason."""
+    """`segformer-hf push OUTPUT_DIR --repo_id USER/NAME [--space USER/NAME]`: exit 0 and print the URLs, 1
+    with the reason."""
     arguments = parse_push_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        url = push_to_hub(
-            arguments.output_dir,
-            arguments.repo_id,
-            private=arguments.private,
-            format=arguments.format,
-            commit_message=arguments.commit_message,
-            token=arguments.token,
-        )
-    except (HubPushError, FileNotFoundError, ValueError) as error:
+        if arguments.output_dir is not None:
+            url = push_to_hub(
+                arguments.output_dir,
+                arguments.repo_id,
+                private=arguments.private,
+                format=arguments.format,
+                commit_message=arguments.commit_message,
+                token=arguments.token,
+            )
+            print(url)
+        if arguments.space is not None:
+            url = push_space(
+                arguments.space,
+                arguments.repo_id,
+                examples=_space_examples(arguments),
+                private=arguments.private,
+                token=arguments.token,
+            )
+            print(url)
+    except (HubPushError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"push_to_hub: {error}", file=sys.stderr)
         return 1
-    print(url)
     return 0
+
+
+def _space_examples(arguments: argparse.Namespace) -> list[str | os.PathLike]:
+    """--examples, else the bundled CamVid images for a model of their classes, else none."""
+    from .demo import demo_example_images, has_demo_classes
+
+    if arguments.examples is not None:
+        return [arguments.examples]
+    if arguments.output_dir is not None:
+        config = _read_json(Path(arguments.output_dir) / "config.json") or {}
+        if has_demo_classes(config.get("id2label") or {}):
+            return demo_example_images()
+    return []
