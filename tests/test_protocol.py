@@ -71,6 +71,14 @@ def contrasted_model(trained_run, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def predicted(contrasted_model, tmp_path_factory):
+    """scripts/predict.py on two validation images with the contrasted model, no protocol flags."""
+    output = tmp_path_factory.mktemp("predicted")
+    _run_script("predict.py", "--model", contrasted_model, *VAL_IMAGES, "--output", output)
+    return output
+
+
 def _run_script(script, *arguments, timeout=300):
     result = subprocess.run(
         [sys.executable, f"scripts/{script}", *map(str, arguments)],
@@ -140,16 +148,21 @@ def test_evaluate_without_flags_reports_exactly_the_metrics_training_reported(tr
         assert evaluated[key] == results[f"eval_{key}"], key
 
 
-def test_evaluate_flags_override_the_saved_protocol(trained_run, tmp_path):
-    output_dir, results = trained_run
-    _run_script(
-        "evaluate_model.py",
-        "--model", output_dir, "--data_dir", DEMO_DATA, "--split", "val", "--max_samples", 2,
-        "--num_workers", "0", "--no_resize", "--mode", "slide", "--output", tmp_path / "native.json",
-    )  # fmt: skip
-    protocol = json.loads((tmp_path / "native.json").read_text())["protocol"]
-    assert protocol["img_scale"] is None and protocol["mode"] == "slide"
-    assert protocol["crop_size"] == [64, 64]  # not given: the saved window
+def test_flags_override_the_saved_protocol_one_by_one():
+    from segformer_hf.evaluation import build_parser
+
+    saved = InferenceProtocol(mode="whole", img_scale=(120, 90), crop_size=(64, 64), flip=True)
+    arguments = ["--model", "m", "--data_dir", "d"]
+    parse = build_parser().parse_args
+    assert InferenceProtocol.from_args(parse(arguments), saved) == saved
+    overridden = InferenceProtocol.from_args(parse([*arguments, "--mode", "slide", "--no-flip"]), saved)
+    assert overridden == InferenceProtocol(mode="slide", img_scale=(120, 90), crop_size=(64, 64), flip=False)
+    native = InferenceProtocol.from_args(parse([*arguments, "--no_resize", "--img_scale", "60", "40"]), saved)
+    assert native.img_scale is None
+    rescaled = InferenceProtocol.from_args(parse([*arguments, "--img_scale", "60", "40"]), saved)
+    assert rescaled.img_scale == (60, 40) and rescaled.crop_size == (64, 64)
+    # A model that records no protocol: whole images at their own size, as before.
+    assert InferenceProtocol.from_args(parse(arguments), None) == InferenceProtocol()
 
 
 def _pipeline_label_map(segmenter, model, image):
@@ -161,19 +174,17 @@ def _pipeline_label_map(segmenter, model, image):
     return label_map
 
 
-def test_pipeline_masks_equal_predict_masks_pixel_for_pixel(contrasted_model, tmp_path):
-    _run_script("predict.py", "--model", contrasted_model, *VAL_IMAGES, "--output", tmp_path / "out")
+def test_pipeline_masks_equal_predict_masks_pixel_for_pixel(contrasted_model, predicted):
     segmenter = pipeline("image-segmentation", model=str(contrasted_model), trust_remote_code=True)
     for path in VAL_IMAGES:
         image = Image.open(path).convert("RGB")
-        predicted = np.asarray(Image.open(tmp_path / "out" / f"{path.stem}_mask.png"))
-        assert len(np.unique(predicted)) > 2, "a near-uniform mask would make the comparison weak"
-        np.testing.assert_array_equal(_pipeline_label_map(segmenter, segmenter.model, image), predicted)
+        mask = np.asarray(Image.open(predicted / f"{path.stem}_mask.png"))
+        assert len(np.unique(mask)) > 2, "a near-uniform mask would make the comparison weak"
+        np.testing.assert_array_equal(_pipeline_label_map(segmenter, segmenter.model, image), mask)
 
 
-def test_predict_uses_the_saved_resize_not_the_crop_square(contrasted_model, tmp_path):
+def test_predict_uses_the_saved_resize_not_the_crop_square(contrasted_model, predicted):
     """The masks predict.py writes are the network's answer on the keep-ratio 120x90 image, upsampled."""
-    _run_script("predict.py", "--model", contrasted_model, VAL_IMAGES[0], "--output", tmp_path / "out")
     model = SegformerHFForSemanticSegmentation.from_pretrained(contrasted_model).eval()
     image = Image.open(VAL_IMAGES[0]).convert("RGB")
     # Built by hand from the definition: keep-ratio bilinear resize to 120x90, ImageNet normalisation.
@@ -187,9 +198,9 @@ def test_predict_uses_the_saved_resize_not_the_crop_square(contrasted_model, tmp
     expected = torch.nn.functional.interpolate(
         logits, size=image.size[::-1], mode="bilinear", align_corners=False
     ).argmax(1)[0]
-    predicted = np.asarray(Image.open(tmp_path / "out" / f"{VAL_IMAGES[0].stem}_mask.png"))
+    mask = np.asarray(Image.open(predicted / f"{VAL_IMAGES[0].stem}_mask.png"))
     # Float rounding of the normalisation may flip a handful of near-tied pixels.
-    assert (predicted == expected.numpy()).mean() > 0.999
+    assert (mask == expected.numpy()).mean() > 0.999
 
 
 def test_pipeline_logs_no_unsupported_model_error(contrasted_model):
@@ -210,34 +221,34 @@ def test_pipeline_logs_no_unsupported_model_error(contrasted_model):
 
 
 def test_a_model_saved_with_a_plain_segformer_image_processor_still_evaluates_and_predicts(
-    contrasted_model, tmp_path
+    contrasted_model, tmp_path, capsys
 ):
+    from segformer_hf import evaluation, prediction
+
     old = tmp_path / "old"
     shutil.copytree(contrasted_model, old)
     (old / "image_processing_segformer_hf.py").unlink()
     SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(old)
     _, processor = load_model_for_inference(old)
     assert InferenceProtocol.from_image_processor(processor) is None
-    _run_script(
-        "evaluate_model.py", "--model", old, "--data_dir", DEMO_DATA, "--split", "val", "--max_samples", 1,
-        "--num_workers", "0", "--output", tmp_path / "old.json",
-    )  # fmt: skip
+    arguments = ["--model", str(old), "--data_dir", str(DEMO_DATA), "--split", "val", "--max_samples", "1"]
+    assert evaluation.main([*arguments, "--num_workers", "0", "--output", str(tmp_path / "old.json")]) == 0
     protocol = json.loads((tmp_path / "old.json").read_text())["protocol"]
     assert protocol["img_scale"] is None and protocol["mode"] == "whole"  # as before: each image's own size
-    _run_script("predict.py", "--model", old, VAL_IMAGES[0], "--output", tmp_path / "out")
+    assert prediction.main(["--model", str(old), str(VAL_IMAGES[0]), "--output", str(tmp_path / "out")]) == 0
     mask = np.asarray(Image.open(tmp_path / "out" / f"{VAL_IMAGES[0].stem}_mask.png"))
     assert mask.shape == Image.open(VAL_IMAGES[0]).size[::-1]
 
 
-def test_the_data_sets_palette_travels_with_the_model_to_predict(trained_run, tmp_path):
+def test_the_data_sets_palette_travels_with_the_model_to_predict(trained_run, predicted):
     output_dir, _ = trained_run
     classes = json.loads((DEMO_DATA / "classes.json").read_text())
     expected = classes["palette_rgb"][:11]
     assert json.loads((output_dir / "config.json").read_text())["palette"] == expected
-    _run_script("predict.py", "--model", output_dir, VAL_IMAGES[0], "--output", tmp_path / "out")
-    mask = Image.open(tmp_path / "out" / f"{VAL_IMAGES[0].stem}_mask.png")
+    # predict.py ran on a copy of this model, without --classes_file.
+    mask = Image.open(predicted / f"{VAL_IMAGES[0].stem}_mask.png")
     assert mask.getpalette()[: 3 * 11] == [value for colour in expected for value in colour]
-    legend = np.asarray(Image.open(tmp_path / "out" / "legend.png").convert("RGB"))
+    legend = np.asarray(Image.open(predicted / "legend.png").convert("RGB"))
     # Row i's swatch (8 px padding, 16 px swatches, 8 px between rows) is filled with colour i.
     for index, colour in enumerate(expected):
         assert legend[8 + index * 24 + 8, 16].tolist() == colour, index
