@@ -498,10 +498,11 @@ def prepare_upload_folder(
 ) -> list[str]:
     """Fills `destination` with exactly what a repository of `format` holds; returns the file names.
 
-    `segformer_hf`: the safetensors weights, config.json (with its auto_map), the two remote-code files,
-    the image processor config, the card, all_results.json and train_config.yaml. `transformers`: the
+    `segformer_hf`: the safetensors weights, config.json (with its auto_map), the remote-code files
+    (the image processor's too when its config names it), the image processor config, the card, all_results.json and train_config.yaml. `transformers`: the
     weights converted to transformers' SegformerForSemanticSegmentation (model_type "segformer", no
-    auto_map, no code), the image processor config, the card and all_results.json.
+    auto_map, no code), an image processor config of transformers' own (`stock_image_processor`), the card
+    and all_results.json.
 
     Raises:
         FileNotFoundError: a file the format needs is missing from `output_dir` (named).
