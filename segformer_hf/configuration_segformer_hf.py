@@ -76,6 +76,8 @@ class SegformerHFConfig(PretrainedConfig):
         ohem_min_kept: with use_ohem, the number of hard pixels kept at least, per image (mmseg's
             `min_kept`, 100000 by default). Images count only if they have a labelled pixel.
         variant: the MiT variant name this config was built from, if any (for model cards).
+        palette: one [R, G, B] colour (0..255) per class, the data set's own, or None; masks and legends
+            are drawn with it, so a class looks the same wherever the model is used.
     """
 
     model_type = "segformer_hf"
@@ -103,6 +105,7 @@ class SegformerHFConfig(PretrainedConfig):
     ohem_thresh: float | None = None
     ohem_min_kept: int = 100000
     variant: str | None = None
+    palette: list[list[int]] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         for name in _PER_STAGE_FIELDS:
@@ -130,6 +133,7 @@ class SegformerHFConfig(PretrainedConfig):
         kwargs.pop("num_encoder_blocks", None)
         super().__post_init__(**kwargs)
         self._check_loss_options()
+        self._check_palette()
 
     def _check_loss_options(self) -> None:
         """Rejects loss options that would silently do nothing or something else than asked."""
@@ -156,6 +160,15 @@ class SegformerHFConfig(PretrainedConfig):
             raise ValueError(f"ohem_thresh is a probability in (0, 1], got {self.ohem_thresh}")
         if self.ohem_min_kept < 1:
             raise ValueError(f"ohem_min_kept must be a positive number of pixels, got {self.ohem_min_kept}")
+
+    def _check_palette(self) -> None:
+        if self.palette is None:
+            return
+        self.palette = [[int(value) for value in colour] for colour in self.palette]
+        if any(len(colour) != 3 or min(colour) < 0 or max(colour) > 255 for colour in self.palette):
+            raise ValueError("palette must hold [R, G, B] colours with values in 0..255")
+        if len(self.palette) < self.num_labels:
+            raise ValueError(f"palette has {len(self.palette)} colours for {self.num_labels} classes")
 
     @property
     def num_encoder_blocks(self) -> int:

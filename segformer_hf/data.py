@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .image_processing_segformer_hf import rescaled_size, resize_image, resize_label
 
 if TYPE_CHECKING:
     from .arguments import TrainingConfig
@@ -454,6 +455,48 @@ def resolve_id2label(
     )
 
 
+def resolve_palette(
+    num_labels: int,
+    *,
+    id2label_file: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> list[list[int]] | None:
+    """The colours of the `num_labels` classes as the data set publishes them ([R, G, B] lists), or None.
+
+    They come from the same files as the class names (`id2label_file`, else `classes.json` or
+    `id2label.json` in `data_dir`): a "palette" or "palette_rgb" list, as in the bundled demo data.
+    Training saves them in the model config, so masks and legends drawn later use the data set's colours.
+
+    Raises:
+        ValueError: the palette is not a list of [R, G, B] triples in 0..255, or has too few colours.
+    """
+    candidates = [Path(id2label_file)] if id2label_file is not None else []
+    if data_dir is not None:
+        candidates += [Path(data_dir) / name for name in LABEL_FILES]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # resolve_id2label reports an unreadable class file
+        colours = payload.get("palette", payload.get("palette_rgb")) if isinstance(payload, dict) else None
+        if colours is None:
+            return None
+        if not isinstance(colours, list) or not all(
+            isinstance(colour, list)
+            and len(colour) == 3
+            and all(isinstance(value, int) and 0 <= value <= 255 for value in colour)
+            for colour in colours
+        ):
+            raise ValueError(f"{path}: the palette must be a list of [R, G, B] integers in 0..255")
+        if len(colours) < num_labels:
+            raise ValueError(f"{path}: the palette has {len(colours)} colours for {num_labels} classes")
+        # Extra colours (e.g. for the void label) belong to no class the model predicts.
+        return colours[:num_labels]
+    return None
+
+
 def _read_id2label_file(path: Path) -> dict[int, str]:
     try:
         payload = json.loads(path.read_text())
@@ -707,33 +750,8 @@ def _warn_once(key: str, message: str) -> None:
 # Geometry -----------------------------------------------------------------------------------------------
 
 
-def rescaled_size(height: int, width: int, scale: Sequence[int]) -> Size:
-    """(h, w) that fits `scale` = (long, short) edge limits, keeping the aspect ratio (mmcv's imrescale).
-
-    The factor is min(long / longer side, short / shorter side), and sides round half up.
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
-
-
-def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear without antialiasing (as OpenCV's INTER_LINEAR)."""
-    if image.shape[:2] == tuple(size):
-        return image
-    # (H, W, 3) -> (1, 3, H, W)
-    pixels = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))[None]
-    resized = F.interpolate(pixels, size=tuple(size), mode="bilinear", align_corners=False)
-    # (1, 3, h, w) -> (h, w, 3)
-    return np.clip(np.rint(resized[0].numpy().transpose(1, 2, 0)), 0, 255).astype(np.uint8)
-
-
-def resize_label(label: np.ndarray, size: Size) -> np.ndarray:
-    """Nearest neighbour as OpenCV's INTER_NEAREST: target pixel i takes source pixel floor(i * H / h)."""
-    height, width = label.shape
-    rows = np.arange(size[0]) * height // size[0]
-    columns = np.arange(size[1]) * width // size[1]
-    return label[rows[:, None], columns[None, :]]
+# The keep-ratio resize rule (`rescaled_size`), `resize_image` and `resize_label` live in the image
+# processor's file, which travels with every saved model: the pipeline resizes exactly as training did.
 
 
 def random_crop_box(

@@ -54,10 +54,12 @@ def evaluate_model(
     Each batch holds normalised "pixel_values" (a (B, 3, h, w) tensor, or a list of (3, h, w) tensors
     when sizes differ) and "labels" at the original resolution. Predictions are made at each label's
     size with `protocol` (see `inference.predict_scores`), so the metric is computed at full
-    resolution, as the paper reports it. A single-label model (`num_labels` 1) is scored over two
-    classes, background (0) and foreground (1). In a distributed run every process must hold a disjoint part
-    of the data (see `data.build_eval_dataloader`). Returns evaluate's mean_iou keys, with per-class
-    values as lists (JSON-ready), plus "num_samples". The model's training mode is restored on return.
+    resolution, as the paper reports it. Each image is predicted on its own, so the numbers do not
+    depend on the batch size nor on the number of processes. A single-label model (`num_labels` 1) is
+    scored over two classes, background (0) and foreground (1). In a distributed run every process must
+    hold a disjoint part of the data (see `data.build_eval_dataloader`). Returns evaluate's mean_iou
+    keys, with per-class values as lists (JSON-ready), plus "num_samples". The model's training mode is
+    restored on return.
     """
     # A single-label (binary) model predicts 0 (background) or 1 (foreground): two classes to score.
     metric_classes = 2 if num_labels == 1 else num_labels
@@ -71,15 +73,18 @@ def evaluate_model(
     with _eval_mode(network):
         for batch in tqdm(dataloader, desc="Evaluating", disable=not (show_progress and is_main_process)):
             for pixel_values, labels in same_size_groups(batch):
-                scores, are_probabilities = predict_scores(
-                    network,
-                    pixel_values,
-                    tuple(labels.shape[-2:]),
-                    protocol,
-                    window_batch_size=window_batch_size,
-                    autocast_dtype=autocast_dtype,
-                )
-                metric.update(*_compact(scores_to_labels(scores, are_probabilities), labels))
+                # One image per forward pass: batched matrix products round differently for each batch
+                # size, so batching would make the numbers depend on the batch size and process count.
+                for image, label in zip(pixel_values.split(1), labels.split(1)):
+                    scores, are_probabilities = predict_scores(
+                        network,
+                        image,
+                        tuple(label.shape[-2:]),
+                        protocol,
+                        window_batch_size=window_batch_size,
+                        autocast_dtype=autocast_dtype,
+                    )
+                    metric.update(*_compact(scores_to_labels(scores, are_probabilities), label))
                 num_samples += len(labels)
     results = {
         key: value.tolist() if hasattr(value, "tolist") else value for key, value in metric.compute().items()
@@ -212,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore_index", type=int, default=None, help="default: the model's loss ignore index"
     )
     parser.add_argument(
-        "--reduce_labels", action="store_true", help="labels 0 = other (ADE20K): ignore 0, shift"
+        "--reduce_labels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="labels 0 = other (ADE20K): ignore 0, shift (default: as the model's image processor says)",
     )
     add_inference_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=1)
@@ -226,14 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluates `args.model` as `build_parser` describes; prints the table and writes the JSON on rank 0."""
-    protocol = InferenceProtocol.from_args(args)
-    protocol.validate()
     if args.output is not None and args.output.is_dir():
         raise ValueError(f"--output {args.output} is a directory; give a JSON file path")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, _ = load_model_for_inference(
+    model, image_processor = load_model_for_inference(
         args.model, trust_remote_code=args.trust_remote_code, device=accelerator.device
     )
+    # The protocol the model was validated with, saved with it, unless flags say otherwise.
+    protocol = InferenceProtocol.from_args(args, InferenceProtocol.from_image_processor(image_processor))
+    protocol.validate()
+    reduce_labels = args.reduce_labels
+    if reduce_labels is None:
+        reduce_labels = bool(getattr(image_processor, "do_reduce_labels", False))
     id2label = {int(index): name for index, name in model.config.id2label.items()}
     ignore_index = args.ignore_index
     if ignore_index is None:
@@ -253,7 +265,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     transform = seg_data.SegmentationEvalTransform(
         img_scale=protocol.img_scale,
         ignore_index=ignore_index,
-        reduce_labels=args.reduce_labels,
+        reduce_labels=reduce_labels,
         num_labels=len(id2label),
     )
     loader = seg_data.build_eval_dataloader(

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("segformer_hf", "transformers")
 CARD_TAGS = ["image-segmentation", "segformer", "segformer_hf", "vision"]
 REMOTE_CODE_FILES = ("configuration_segformer_hf.py", "modeling_segformer_hf.py")
+# The image processor's code, which runs models saved with their evaluation protocol (not older ones).
+IMAGE_PROCESSOR_CODE_FILE = "image_processing_segformer_hf.py"
 # This package's licence (setup.cfg): what applies to weights that owe nothing to NVIDIA's.
 PROJECT_LICENSE = "apache-2.0"
 NVIDIA_LICENSE_NAME = "nvidia-source-code-license-for-segformer"
@@ -375,8 +377,9 @@ def _usage_section(run: _RunFacts, format: str) -> str:
     if format == "segformer_hf":
         model_class, remote = "AutoModelForSemanticSegmentation", ", trust_remote_code=True"
         note = (
-            "`trust_remote_code=True` runs this repository's `modeling_segformer_hf.py` and "
-            "`configuration_segformer_hf.py`: read them first, and pin `revision=` to the commit you read."
+            "`trust_remote_code=True` runs this repository's `modeling_segformer_hf.py`, "
+            "`configuration_segformer_hf.py` and `image_processing_segformer_hf.py`: read them first, "
+            "and pin `revision=` to the commit you read."
         )
     else:
         model_class, remote = "SegformerForSemanticSegmentation", ""
@@ -394,7 +397,7 @@ for segment in segmenter(image):
     print(segment["label"], segment["mask"].size)
 
 # Step by step: logits at a quarter of the processed size, then a label map at the image's size.
-processor = AutoImageProcessor.from_pretrained(model_id)
+processor = AutoImageProcessor.from_pretrained(model_id{remote})
 model = {model_class}.from_pretrained(model_id{remote}).eval()
 with torch.no_grad():
     outputs = model(**processor(images=image, return_tensors="pt"))
@@ -485,10 +488,11 @@ def prepare_upload_folder(
 ) -> list[str]:
     """Fills `destination` with exactly what a repository of `format` holds; returns the file names.
 
-    `segformer_hf`: the safetensors weights, config.json (with its auto_map), the two remote-code files,
-    the image processor config, the card, all_results.json and train_config.yaml. `transformers`: the
+    `segformer_hf`: the safetensors weights, config.json (with its auto_map), the remote-code files
+    (the image processor's too when its config names it), the image processor config, the card, all_results.json and train_config.yaml. `transformers`: the
     weights converted to transformers' SegformerForSemanticSegmentation (model_type "segformer", no
-    auto_map, no code), the image processor config, the card and all_results.json.
+    auto_map, no code), an image processor config of transformers' own (`stock_image_processor`), the card
+    and all_results.json.
 
     Raises:
         FileNotFoundError: a file the format needs is missing from `output_dir` (named).
@@ -516,6 +520,8 @@ def prepare_upload_folder(
                 "re-save the model with `import segformer_hf` done first (save_pretrained then writes it)."
             )
         required += ["config.json", *REMOTE_CODE_FILES, *(path.name for path in weights)]
+        if _image_processor_is_remote_code(output_dir):
+            required.append(IMAGE_PROCESSOR_CODE_FILE)
         optional += ["train_config.yaml"]
         index = output_dir / "model.safetensors.index.json"
         if index.exists():
@@ -527,6 +533,9 @@ def prepare_upload_folder(
     if format == "transformers":
         model = to_transformers(SegformerHFForSemanticSegmentation.from_pretrained(output_dir))
         model.save_pretrained(destination, safe_serialization=True)
+        if _image_processor_is_remote_code(output_dir):
+            stock_image_processor(output_dir).save_pretrained(destination)
+            required.remove("preprocessor_config.json")
     for name in required + optional:
         if (output_dir / name).is_file():
             shutil.copy2(output_dir / name, destination / name)
@@ -619,6 +628,39 @@ def _explain_hub_errors(repo_id: str, output_dir: Path | None, retry_command: st
             f"Could not reach the Hugging Face Hub to push to {repo_id} ({type(error).__name__}: {error}). Check "
             f"the network connection (and HF_ENDPOINT or proxy settings if you use them), {retry} {unchanged}"
         ) from error
+
+
+def stock_image_processor(output_dir: str | os.PathLike) -> Any:
+    """transformers' own `SegformerImageProcessor` closest to the saved `SegformerHFImageProcessor`, for a
+    repository without code: the same keep-ratio sizes (shortest edge `short`, longest at most `long` is
+    mmseg's rule) and normalisation, but PIL's (antialiased) resampling, so pixel values differ slightly."""
+    from transformers import SegformerImageProcessor
+
+    saved = _read_json(Path(output_dir) / "preprocessor_config.json", required=True)
+    settings = {
+        name: saved[name]
+        for name in (
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+            "image_mean",
+            "image_std",
+            "do_reduce_labels",
+        )
+        if name in saved
+    }
+    img_scale = saved.get("img_scale")
+    if img_scale and saved.get("do_resize", True):
+        settings["size"] = {"shortest_edge": min(img_scale), "longest_edge": max(img_scale)}
+        settings["default_to_square"] = False
+    else:
+        settings["do_resize"] = False
+    return SegformerImageProcessor(**settings)
+
+
+def _image_processor_is_remote_code(output_dir: Path) -> bool:
+    saved = _read_json(output_dir / "preprocessor_config.json")
+    return "AutoImageProcessor" in (saved or {}).get("auto_map", {})
 
 
 # Small helpers ----------------------------------------------------------------------------------------------

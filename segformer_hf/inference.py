@@ -103,23 +103,74 @@ class InferenceProtocol:
         }
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> InferenceProtocol:
-        """The protocol given by the flags of `add_inference_arguments`."""
+    def from_args(cls, args: argparse.Namespace, saved: InferenceProtocol | None = None) -> InferenceProtocol:
+        """The protocol given by the flags of `add_inference_arguments`, on top of `saved` (the model's own).
+
+        A flag left out keeps the saved setting; `--no_resize` means no `img_scale`. Without a saved protocol
+        the defaults are whole-image inference at each image's own size.
+        """
+        base = saved or cls()
+        given = {
+            "mode": args.mode,
+            "img_scale": args.img_scale,
+            "crop_size": _optional_pair(args.crop_size),
+            "stride": _optional_pair(args.stride),
+            "scales": args.scales,
+            "flip": args.flip,
+            "size_divisor": args.size_divisor,
+        }
+        settings = {name: getattr(base, name) if value is None else value for name, value in given.items()}
+        if getattr(args, "no_resize", False):
+            settings["img_scale"] = None
+        return cls(**settings)
+
+    @classmethod
+    def from_image_processor(cls, image_processor: Any) -> InferenceProtocol | None:
+        """The protocol a model was validated with, as its saved image processor records it.
+
+        None for an image processor that records none (transformers' own `SegformerImageProcessor`, the
+        processor of checkpoints saved before segformer_hf stored its protocol).
+        """
+        if getattr(image_processor, "inference_mode", None) is None:
+            return None
         return cls(
-            mode=args.mode,
-            img_scale=args.img_scale,
-            crop_size=_optional_pair(args.crop_size),
-            stride=_optional_pair(args.stride),
-            scales=args.scales,
-            flip=args.flip,
-            size_divisor=args.size_divisor,
+            mode=image_processor.inference_mode,
+            img_scale=image_processor.img_scale if getattr(image_processor, "do_resize", True) else None,
+            crop_size=getattr(image_processor, "crop_size", None),
+            stride=getattr(image_processor, "stride", None),
+            scales=getattr(image_processor, "scales", None),
+            flip=bool(getattr(image_processor, "flip", False)),
+            size_divisor=getattr(image_processor, "size_divisor", None),
+        )
+
+    def image_processor(self, **settings: Any) -> Any:
+        """A `SegformerHFImageProcessor` that resizes as this protocol says and records it (what training
+        saves with the model); `settings` are its other fields (normalisation, `do_reduce_labels`)."""
+        from .image_processing_segformer_hf import SegformerHFImageProcessor
+
+        return SegformerHFImageProcessor(
+            img_scale=self.img_scale,
+            inference_mode=self.mode,
+            crop_size=self.crop_size,
+            stride=self.stride,
+            scales=self.scales,
+            flip=self.flip,
+            size_divisor=self.size_divisor,
+            **settings,
         )
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of an `InferenceProtocol`, shared by `segformer-hf evaluate` and `segformer-hf predict`."""
-    group = parser.add_argument_group("inference protocol")
-    group.add_argument("--mode", choices=INFERENCE_MODES, default="whole")
+    """The flags of an `InferenceProtocol`, shared by `segformer-hf evaluate` and `segformer-hf predict`.
+
+    Every flag defaults to None, "not given": the model's saved protocol fills it in (`from_args`).
+    """
+    group = parser.add_argument_group(
+        "inference protocol (default: the one the model was validated with, saved with it)"
+    )
+    group.add_argument(
+        "--mode", choices=INFERENCE_MODES, default=None, help="whole or slide (default: whole)"
+    )
     group.add_argument(
         "--img_scale",
         type=int,
@@ -127,6 +178,11 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar=("LONG", "SHORT"),
         help="keep-ratio resize bound before inference, e.g. 2048 512 (default: the model's own, else none)",
+    )
+    group.add_argument(
+        "--no_resize",
+        action="store_true",
+        help="predict at each image's own size, whatever img_scale the model was validated with",
     )
     group.add_argument("--crop_size", type=int, nargs="+", default=None, help="slide window: S or H W")
     group.add_argument(
@@ -139,7 +195,12 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--scales", type=parse_scales, default=None, help="test-time scales, e.g. 0.5,0.75,1.0"
     )
-    group.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+    group.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also predict the mirrored image and average",
+    )
     group.add_argument("--size_divisor", type=int, default=None, help="round scaled sides up to a multiple")
 
 
@@ -505,9 +566,11 @@ def load_model_for_inference(
     """A semantic-segmentation model (eval mode) and its image processor, from a directory or Hub id.
 
     Works for segformer_hf checkpoints and for transformers' own Segformer checkpoints alike, through
-    `AutoModelForSemanticSegmentation` (importing any segformer_hf module registers the package with it). When the
-    checkpoint has no `preprocessor_config.json`, a default `SegformerImageProcessor` (ImageNet
-    normalisation, 512x512 resize) stands in, with a note on stderr.
+    `AutoModelForSemanticSegmentation` (importing any segformer_hf module registers the package with it). The image
+    processor of a model trained by segformer_hf is a `SegformerHFImageProcessor` that records the
+    protocol the model was validated with: `InferenceProtocol.from_image_processor` reads it back (None
+    for other processors). When the checkpoint has no `preprocessor_config.json`, a default
+    `SegformerImageProcessor` (ImageNet normalisation, 512x512 resize) stands in, with a note on stderr.
     """
     dtype_argument = {} if torch_dtype is None else {"dtype": torch_dtype}
     model = AutoModelForSemanticSegmentation.from_pretrained(

@@ -743,6 +743,29 @@ AUTO_CLASSES: dict[str, type[SegformerHFPreTrainedModel]] = {
 }
 
 
+def _declare_to_segmentation_pipelines() -> None:
+    """Lets transformers' image-segmentation pipeline recognise SegformerHFForSemanticSegmentation.
+
+    The pipeline checks a model's class name against a merged copy of transformers' name tables
+    (`MODEL_FOR_*_SEGMENTATION_MAPPING_NAMES`). The copy loses the tables' link to the models registered
+    with `AutoModelForSemanticSegmentation.register` (what importing segformer_hf and loading it as remote
+    code both do), so the pipeline would log "not supported for image-segmentation" for a model it runs
+    fine. Naming the model type in the semantic-segmentation table, as transformers' own models are, is
+    what the check reads; the Auto classes never look a model type up there without a built-in config
+    of that type, so nothing else changes.
+    """
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+    except ImportError:  # a transformers without the table has no such check either
+        return
+    MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
+        SegformerHFConfig.model_type, SegformerHFForSemanticSegmentation.__name__
+    )
+
+
+_declare_to_segmentation_pipelines()
+
+
 def _auto_map() -> dict[str, str]:
     """`auto_map` entries naming the classes by file and class name, as remote code looks them up.
 

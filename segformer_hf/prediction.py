@@ -3,8 +3,10 @@
 For every input image NAME.EXT it writes NAME_mask.png (the predicted classes in colour; a palette PNG
 whose pixel values are the class ids when there are at most 256 classes), NAME_overlay.png (the mask
 alpha-blended over the image) and, once, legend.png (class colours and names). Colours come from
---classes_file, else the model config's palette, else a fixed default palette. Every input is checked
-before any work starts, and every file is written atomically.
+--classes_file, else the model config's palette (training saves the data set's there), else a fixed
+default palette. Images are predicted with the protocol the model was validated with (saved in its image
+processor: keep-ratio resize, whole or sliding window, scales, flip), which the flags below override.
+Every input is checked before any work starts, and every file is written atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,12 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, type=Path, help="directory for the masks, overlays and legend"
     )
     add_inference_arguments(parser)
-    parser.add_argument(
-        "--no_resize",
-        action="store_true",
-        help="predict at each image's own size (normalised as the image processor says) instead of "
-        "resizing it to the processor's size first; what sliding-window inference on large images wants",
-    )
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the mask colours in the overlay")
     parser.add_argument("--classes_file", type=Path, default=None, help="JSON with a palette (and id2label)")
     parser.add_argument("--window_batch_size", type=int, default=8, help="slide windows per forward pass")
@@ -59,14 +56,32 @@ def check_inputs(args: argparse.Namespace) -> list[Path]:
     return image_paths
 
 
+def resolve_protocol(args: argparse.Namespace, image_processor: Any) -> tuple[InferenceProtocol, Any]:
+    """(the protocol, the image processor that prepares images for it): the model's saved protocol with
+    the flags on top, so a prediction is made the way the model was validated (and as the pipeline does).
+
+    A checkpoint that records no protocol (a plain `SegformerImageProcessor`) is used with its own
+    processor as saved, unless --img_scale or --no_resize ask for a keep-ratio resize or none.
+    """
+    saved = InferenceProtocol.from_image_processor(image_processor)
+    protocol = InferenceProtocol.from_args(args, saved)
+    protocol.validate()
+    if saved is None and args.img_scale is None and not args.no_resize:
+        return protocol, image_processor
+    preprocessing = protocol.image_processor(
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        rescale_factor=getattr(image_processor, "rescale_factor", 1 / 255),
+    )
+    return protocol, preprocessing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every image was segmented, 2 for bad arguments or inputs, 1 for an image that fails to load."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
     try:
         image_paths = check_inputs(args)
-        protocol = InferenceProtocol.from_args(args)
-        protocol.validate()
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -75,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     model, image_processor = load_model_for_inference(
         args.model, trust_remote_code=args.trust_remote_code, device=device
     )
-    normalisation = (
-        (image_processor.image_mean, image_processor.image_std) if args.no_resize else image_processor
-    )
+    try:
+        protocol, preprocessing = resolve_protocol(args, image_processor)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     id2label = {int(index): name for index, name in model.config.id2label.items()}
     palette = resolve_palette(model.config.num_labels, config=model.config, classes_file=args.classes_file)
 
@@ -90,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         (label_map,) = segment(
-            model, image, normalisation, protocol, window_batch_size=args.window_batch_size
+            model, image, preprocessing, protocol, window_batch_size=args.window_batch_size
         )
         write_atomic(args.output / f"{path.stem}_mask.png", colorize(label_map, palette).save)
         write_atomic(

@@ -34,7 +34,6 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, Pr
 from huggingface_hub import get_token
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import SegformerImageProcessor
 
 from . import data as seg_data
 from .arguments import EvaluationArguments, RunArguments, TrainingConfig, parse_args
@@ -58,7 +57,7 @@ from .inference import imagenet_normalization, predict_whole
 from .metrics import create_metric
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 from .optimization import build_optimizer, build_scheduler
-from .visualization import default_palette, stack_panels, validation_panel
+from .visualization import resolve_palette, stack_panels, validation_panel
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +229,12 @@ def build_model(
         "use_ohem": config.use_ohem,
         "ohem_thresh": config.ohem_thresh,
         "ohem_min_kept": config.ohem_min_kept,
+        # The data set's class colours, so that masks drawn from the saved model use them.
+        "palette": seg_data.resolve_palette(
+            len(id2label),
+            id2label_file=config.id2label_file,
+            data_dir=None if config.id2label else config.data_dir,
+        ),
     }
     if config.init_from is None:
         return SegformerHFForSemanticSegmentation(
@@ -548,8 +553,8 @@ def log_validation_images(run: Run) -> None:
     accelerator, count = run.accelerator, run.config.num_log_images
     if count <= 0 or not accelerator.trackers or not accelerator.is_main_process:
         return
-    palette = default_palette(len(run.id2label))
     network = accelerator.unwrap_model(run.model)
+    palette = resolve_palette(len(run.id2label), config=network.config)
     panels = [
         validation_panel(rgb, truth, prediction, palette)
         for rgb, truth, prediction in itertools.islice(validation_examples(network, run.eval_loader), count)
@@ -635,17 +640,17 @@ EVAL_RESULT_KEYS = (
 
 
 def save_model_files(model: torch.nn.Module, directory: str | os.PathLike, config: TrainingConfig) -> None:
-    """Writes the model (safetensors + remote code + config) and its image processor, file by file atomically."""
+    """Writes the model (safetensors + remote code + config) and its image processor (with the evaluation
+    protocol), file by file atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staging = directory / ".tmp-save"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    image_processor = SegformerImageProcessor(
-        size={"height": config.crop_size[0], "width": config.crop_size[1]},
-        do_reduce_labels=config.reduce_labels,
+    # The protocol the model was validated with travels with it: every later caller predicts the same way.
+    config.inference_protocol().image_processor(do_reduce_labels=config.reduce_labels).save_pretrained(
+        staging
     )
-    image_processor.save_pretrained(staging)
     for item in staging.iterdir():
         os.replace(item, directory / item.name)
     staging.rmdir()

@@ -120,3 +120,33 @@ def test_a_missing_split_is_a_clear_error(saved_model, tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "no split 'test'" in result.stderr and "val" in result.stderr
+
+
+class _BatchSensitiveModel(torch.nn.Module):
+    """Two classes; the class-1 logit shifts a little with the batch size, as batched matrix products' rounding
+    does (exaggerated), so that a prediction made in a batch could differ from the same image's alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"num_labels": 2})()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_values, return_dict=True):
+        class_one = pixel_values.mean(1) + 0.01 * (len(pixel_values) - 1)
+        return type("Output", (), {"logits": torch.stack([torch.zeros_like(class_one), class_one], 1)})()
+
+
+def test_evaluation_numbers_do_not_depend_on_the_batch_size():
+    from segformer_hf.evaluation import evaluate_model
+
+    generator = torch.Generator().manual_seed(0)
+    # Pixel means within 0.01 below zero: class 0 alone, class 1 whenever a batch shift is added.
+    images = -0.01 * torch.rand(4, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, 2, (4, 8, 8), generator=generator)
+    model = _BatchSensitiveModel()
+    one_by_one = [{"pixel_values": images[i : i + 1], "labels": labels[i : i + 1]} for i in range(4)]
+    batched = [{"pixel_values": images[i : i + 2], "labels": labels[i : i + 2]} for i in (0, 2)]
+    alone = evaluate_model(model, one_by_one, num_labels=2, ignore_index=255)
+    together = evaluate_model(model, batched, num_labels=2, ignore_index=255)
+    assert alone["per_category_accuracy"][0] == 1.0  # every pixel predicted 0: the shift never applied
+    assert together == alone

@@ -39,6 +39,7 @@ SEGFORMER_HF_FILES = {
     "all_results.json",
     "config.json",
     "configuration_segformer_hf.py",
+    "image_processing_segformer_hf.py",
     "model.safetensors",
     "modeling_segformer_hf.py",
     "preprocessor_config.json",
@@ -281,8 +282,15 @@ def test_transformers_format_uploads_a_stock_checkpoint_without_code(run, hub):
     with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
         dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}
     assert dtypes == {torch.float32, torch.int64}  # int64: BatchNorm's num_batches_tracked
-    for name in ("preprocessor_config.json", "all_results.json"):
-        assert (folder / name).read_bytes() == (run.directory / name).read_bytes(), name
+    assert (folder / "all_results.json").read_bytes() == (run.directory / "all_results.json").read_bytes()
+    # No code in this format: transformers' own processor, resizing to the same keep-ratio sizes.
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "SegformerImageProcessor" and "auto_map" not in processor
+    saved = json.loads((run.directory / "preprocessor_config.json").read_text())
+    assert processor["size"] == {
+        "shortest_edge": min(saved["img_scale"]),
+        "longest_edge": max(saved["img_scale"]),
+    }
 
 
 # The card -----------------------------------------------------------------------------------------------------
