@@ -250,18 +250,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     ignore_index = args.ignore_index
     if ignore_index is None:
         ignore_index = getattr(model.config, "semantic_loss_ignore_index", 255)
-    with accelerator.main_process_first():
-        dataset = seg_data.load_evaluation_split(
-            dataset_name=args.dataset,
-            dataset_config_name=args.dataset_config,
-            data_dir=args.data_dir,
-            data_format=args.data_format,
-            split=args.split,
-            image_column=args.image_column,
-            label_column=args.label_column,
-        )
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = _evaluation_split(args, accelerator)
     transform = seg_data.SegmentationEvalTransform(
         img_scale=protocol.img_scale,
         ignore_index=ignore_index,
@@ -305,6 +294,23 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             write_json_atomic(args.output, results)
             print(f"Metrics written to {args.output}", flush=True)
     return results
+
+
+def _evaluation_split(args: argparse.Namespace, accelerator: Accelerator) -> Any:
+    """The split to evaluate (the main process first, so only it fills the datasets cache), capped."""
+    with accelerator.main_process_first():
+        dataset = seg_data.load_evaluation_split(
+            dataset_name=args.dataset,
+            dataset_config_name=args.dataset_config,
+            data_dir=args.data_dir,
+            data_format=args.data_format,
+            split=args.split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+        )
+    if args.max_samples is not None:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> int:
