@@ -428,6 +428,15 @@ def _value_problems(config: TrainingConfig) -> list[str]:
             config.checkpoints_total_limit is None or config.checkpoints_total_limit >= 1,
             "checkpoints_total_limit must be >= 1 or null",
         ),
+        (
+            config.max_train_samples is None or config.max_train_samples >= 1,
+            f"max_train_samples must be >= 1 or null, got {config.max_train_samples}",
+        ),
+        (
+            config.max_eval_samples is None or config.max_eval_samples >= 1,
+            f"max_eval_samples must be >= 1 or null, got {config.max_eval_samples}",
+        ),
+        (config.ddp_timeout > 0, f"ddp_timeout must be > 0 seconds, got {config.ddp_timeout}"),
     ]
     problems = [message for holds, message in checks if not holds]
     if config.eval_img_scale is not None and (

@@ -3,8 +3,10 @@ clean stop.
 
 A checkpoint is `output_dir/checkpoints/step_NNNNNNNN/`: Accelerate's model, optimiser and RNG states
 (safetensors, and tensors-only files that load with `weights_only=True`) plus `training_state.json` with
-the run's own state and the learning-rate schedule as JSON. Nothing in it is an unrestricted pickle, so
-resuming never runs code stored in a checkpoint.
+the run's own state, the learning-rate schedule as JSON and the size of every other file. Nothing in it is
+an unrestricted pickle, so resuming never runs code stored in a checkpoint; a file whose size differs
+from the recorded one (a truncated copy, a full disk) makes the checkpoint unreadable, and `latest` then
+falls back to the one before it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 STATE_FILE = "training_state.json"
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint whose files are missing, truncated or do not load."""
 
 
 @dataclass
@@ -55,17 +62,64 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
     """`latest` -> newest complete checkpoint in the output dir; otherwise a path that must exist."""
+    return checkpoints_to_try(spec, output_dir)[0]
+
+
+def checkpoints_to_try(spec: str, output_dir: str | os.PathLike) -> list[Path]:
+    """`latest` -> the complete checkpoints in the output dir, newest first; a path -> that one only."""
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
             raise FileNotFoundError(
                 f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints"
             )
-        return checkpoints[-1]
+        return checkpoints[::-1]
     path = Path(spec)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{spec} is not a complete segformer_hf checkpoint (no {STATE_FILE})")
-    return path
+    return [path]
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    spec: str,
+    output_dir: str | os.PathLike,
+    check: Callable[[Path, dict[str, Any]], None],
+) -> tuple[Path, dict[str, Any]]:
+    """Loads model, optimiser and RNG states into `accelerator` from the checkpoint `spec` names; returns
+    it with its JSON payload. `check(checkpoint, payload)` runs before anything is loaded (its errors end
+    the resume: a checkpoint of another run is not a damaged one).
+
+    A checkpoint that cannot be read (a missing or truncated file, a state that does not load) is
+    reported, and with `latest` the one before it is tried: a damaged last checkpoint costs the steps
+    since the previous one, not the run. The checkpoint that does load overwrites whatever a failed one
+    had loaded already.
+
+    Raises:
+        UnreadableCheckpoint: no candidate could be loaded (each one's reason listed).
+    """
+    candidates = checkpoints_to_try(spec, output_dir)
+    failures = []
+    for checkpoint, earlier in zip(candidates, [*candidates[1:], None]):
+        try:
+            payload = read_checkpoint_payload(checkpoint)
+            check(checkpoint, payload)
+            _load_state(accelerator, checkpoint)
+            return checkpoint, payload
+        except UnreadableCheckpoint as error:
+            failures.append(str(error))
+            if earlier is not None:
+                logger.warning("%s; resuming from %s instead", error, earlier)
+    raise UnreadableCheckpoint("No checkpoint could be loaded:\n  - " + "\n  - ".join(failures))
+
+
+def _load_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # whatever a damaged file makes torch, safetensors or Accelerate raise
+        raise UnreadableCheckpoint(
+            f"{checkpoint} cannot be loaded: {type(error).__name__}: {error}"
+        ) from error
 
 
 def remove_unfinished_checkpoints(output_dir: str | os.PathLike) -> None:
@@ -97,7 +151,7 @@ def save_checkpoint(
     accelerator.save_state(str(temporary), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(temporary / STATE_FILE, state)
+        write_json_atomic(temporary / STATE_FILE, {**state, "file_sizes": file_sizes(temporary)})
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -116,8 +170,30 @@ def checkpoint_payload(
     return {"run_state": dataclasses.asdict(state), "scheduler": schedule, "config": config}
 
 
+def file_sizes(directory: Path) -> dict[str, int]:
+    """{file name: size in bytes} of what Accelerate wrote: what a complete checkpoint must hold."""
+    return {path.name: path.stat().st_size for path in sorted(directory.iterdir()) if path.is_file()}
+
+
 def read_checkpoint_payload(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """The checkpoint's JSON state, after checking that every file it lists is there with its size.
+
+    Raises:
+        UnreadableCheckpoint: the JSON does not parse, or a file is missing or of another size.
+    """
+    try:
+        payload = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise UnreadableCheckpoint(f"{checkpoint}: {STATE_FILE} cannot be read: {error}") from None
+    found = file_sizes(checkpoint)
+    damaged = [
+        f"{name} ({found[name] if name in found else 'missing'} of {size} bytes)"
+        for name, size in payload.get("file_sizes", {}).items()
+        if found.get(name) != size
+    ]
+    if damaged:
+        raise UnreadableCheckpoint(f"{checkpoint} is damaged: {', '.join(damaged)}")
+    return payload
 
 
 def restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, payload: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -828,16 +829,22 @@ def save_atomically(model: SegformerHFPreTrainedModel, processor, output: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`segformer-hf convert`: exit 0 when saved, 1 when verification fails, 2 for a source that cannot be
+    converted (the reason printed, not a traceback)."""
     args = parse_args(argv)
     model_class = TASKS[args.task][0]
     overrides = label_overrides(args)
-    model = from_reference(
-        args.source,
-        model_class,
-        revision=args.revision,
-        ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-        **overrides,
-    )
+    try:
+        model = from_reference(
+            args.source,
+            model_class,
+            revision=args.revision,
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+            **overrides,
+        )
+    except (ReferenceLoadError, FileNotFoundError) as error:
+        print(f"error: cannot convert {args.source}: {error}", file=sys.stderr)
+        return 2
     config = model.config
     print(
         f"Converted {args.source} into {type(model).__name__}: variant {config.variant or 'custom'}, "

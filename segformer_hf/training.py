@@ -42,9 +42,8 @@ from .checkpointing import (
     RunState,
     checkpoint_payload,
     list_checkpoints,
-    read_checkpoint_payload,
+    load_checkpoint,
     remove_unfinished_checkpoints,
-    resolve_checkpoint,
     restore_scheduler,
     save_checkpoint,
 )
@@ -253,11 +252,14 @@ def build_model(
 
 
 def resume(run: Run) -> None:
-    """Restores model, optimiser, RNG and schedule from a checkpoint made with the same recipe."""
-    checkpoint = resolve_checkpoint(run.config.resume_from_checkpoint, run.output_dir)
-    payload = read_checkpoint_payload(checkpoint)
-    check_resumable(run.config, payload.get("config", {}), checkpoint)
-    run.accelerator.load_state(str(checkpoint))
+    """Restores model, optimiser, RNG and schedule from a checkpoint made with the same recipe (with
+    `latest`, the newest one that loads: a damaged one is reported and skipped)."""
+    checkpoint, payload = load_checkpoint(
+        run.accelerator,
+        run.config.resume_from_checkpoint,
+        run.output_dir,
+        check=lambda path, saved: check_resumable(run.config, saved.get("config", {}), path),
+    )
     restore_scheduler(run.scheduler, payload)
     run.state = RunState(**payload["run_state"])
     run.start_step = run.state.global_step
@@ -334,6 +336,11 @@ def claim_output_dir(config: TrainingConfig) -> Iterator[None]:
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a directory")
+    for ancestor in output_dir.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise FileExistsError(f"output_dir {output_dir} cannot be made: {ancestor} is a file")
+            break
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = output_dir.parent / f".{output_dir.name}.lock"
     is_main = int(os.environ.get("RANK", "0")) == 0
