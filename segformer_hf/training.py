@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,15 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 # Set up ---------------------------------------------------------------------------------------------------
 
 
-def set_up(config: TrainingConfig) -> Run:
-    """Accelerator, data, model, optimiser and schedule, and the resumed state if asked for."""
+def set_up(
+    config: TrainingConfig,
+    model_builder: Callable[[TrainingConfig, dict[int, str]], torch.nn.Module] | None = None,
+) -> Run:
+    """Accelerator, data, model, optimiser and schedule, and the resumed state if asked for.
+
+    `model_builder(config, id2label)` replaces `build_model`, e.g. to train transformers' own Segformer
+    with this loop (`scripts/benchmark_training.py`).
+    """
     check_push_settings(config)
     accelerator = create_accelerator(config)
     log_distribution(accelerator)
@@ -136,7 +143,7 @@ def set_up(config: TrainingConfig) -> Run:
     eval_loader = seg_data.eval_dataloader_for(
         config, eval_dataset, len(id2label), accelerator.num_processes, accelerator.process_index
     )
-    model = build_model(config, id2label)
+    model = (model_builder or build_model)(config, id2label)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
