@@ -1243,6 +1243,34 @@ def num_samples(dataset: datasets.Dataset | datasets.IterableDataset) -> int | N
     return None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
 
 
+def train_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationTrainTransform:
+    """The config's training augmentation (the paper's pipeline with the recipe's sizes)."""
+    return SegmentationTrainTransform(
+        crop_size=tuple(config.crop_size),
+        img_scale=tuple(config.img_scale),
+        ratio_range=tuple(config.ratio_range),
+        cat_max_ratio=config.cat_max_ratio,
+        flip_prob=config.flip_prob,
+        photometric_distortion=config.photometric_distortion,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        num_labels=num_labels,
+        seed=config.seed,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+
+
+def eval_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationEvalTransform:
+    """The config's validation preprocessing: resized for its inference protocol, labels at full resolution."""
+    return SegmentationEvalTransform(
+        img_scale=config.inference_protocol().img_scale,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        num_labels=num_labels,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+
+
 def train_dataloader_for(
     config: TrainingConfig,
     dataset: datasets.Dataset | datasets.IterableDataset,
@@ -1257,19 +1285,7 @@ def train_dataloader_for(
     `streaming.StreamingTrainLoader` over this process's part of it (`num_shards`, `shard_index`)
     whose batches are already on `device`: Accelerate leaves it alone.
     """
-    transform = SegmentationTrainTransform(
-        crop_size=tuple(config.crop_size),
-        img_scale=tuple(config.img_scale),
-        ratio_range=tuple(config.ratio_range),
-        cat_max_ratio=config.cat_max_ratio,
-        flip_prob=config.flip_prob,
-        photometric_distortion=config.photometric_distortion,
-        ignore_index=config.ignore_index,
-        reduce_labels=config.reduce_labels,
-        num_labels=num_labels,
-        seed=config.seed,
-        skip_bad_samples=config.skip_bad_samples,
-    )
+    transform = train_transform_for(config, num_labels)
     if isinstance(dataset, datasets.IterableDataset):
         from .streaming import streaming_train_loader
 
@@ -1303,13 +1319,7 @@ def eval_dataloader_for(
     shard_index: int = 0,
 ) -> DataLoader:
     """The validation loader for the config's inference protocol (this process's shard of it)."""
-    transform = SegmentationEvalTransform(
-        img_scale=config.inference_protocol().img_scale,
-        ignore_index=config.ignore_index,
-        reduce_labels=config.reduce_labels,
-        num_labels=num_labels,
-        skip_bad_samples=config.skip_bad_samples,
-    )
+    transform = eval_transform_for(config, num_labels)
     return build_eval_dataloader(
         dataset,
         transform,

@@ -59,14 +59,8 @@ def trainer_datasets(config: TrainingConfig) -> TrainerDatasets:
     if config.streaming:
         raise ValueError("trainer_datasets takes map-style data: set streaming: false")
     train, validation, id2label = seg_data.load_training_data(config)
-    _, train_transform = seg_data.train_dataloader_for(config, train, len(id2label))
-    eval_transform = seg_data.SegmentationEvalTransform(
-        img_scale=config.inference_protocol().img_scale,
-        ignore_index=config.ignore_index,
-        reduce_labels=config.reduce_labels,
-        num_labels=len(id2label),
-        skip_bad_samples=config.skip_bad_samples,
-    )
+    train_transform = seg_data.train_transform_for(config, len(id2label))
+    eval_transform = seg_data.eval_transform_for(config, len(id2label))
     return TrainerDatasets(
         train=train.with_transform(train_transform),
         validation=validation.with_transform(eval_transform),
