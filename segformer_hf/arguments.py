@@ -157,6 +157,17 @@ class DataArguments:
     max_train_samples: int | None = _help("use only the first N training samples", default=None)
     max_eval_samples: int | None = _help("use only the first N validation samples", default=None)
     dataloader_num_workers: int = _help("DataLoader worker processes per training process", default=2)
+    streaming: bool = _help(
+        "read the training split as it is used (datasets' streaming: nothing downloaded or cached first) "
+        "from a Hub dataset or a parquet/imagefolder data_dir; needs a validation split, which is read into "
+        "memory. Checkpoints keep the position in the stream",
+        default=False,
+    )
+    shuffle_buffer_size: int = _help(
+        "streaming only: samples in the seeded shuffle buffer (0: stream order). A run resumed mid-epoch "
+        "with a buffer loses the samples that were in it for that epoch; with 0 it resumes exactly",
+        default=1000,
+    )
 
 
 @dataclass
@@ -423,6 +434,10 @@ def _value_problems(config: TrainingConfig) -> list[str]:
             f"report_to must be none, wandb, tensorboard or a comma list: {config.report_to}",
         ),
         (config.dataset_name is not None or config.data_dir is not None, "set dataset_name or data_dir"),
+        (
+            config.shuffle_buffer_size >= 0,
+            f"shuffle_buffer_size must be >= 0, got {config.shuffle_buffer_size}",
+        ),
         (not (config.push_to_hub and not config.hub_model_id), "push_to_hub needs hub_model_id (USER/NAME)"),
         (
             config.checkpoints_total_limit is None or config.checkpoints_total_limit >= 1,

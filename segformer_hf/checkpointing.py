@@ -163,11 +163,18 @@ def save_checkpoint(
 
 
 def checkpoint_payload(
-    state: RunState, scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any]
+    state: RunState,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: dict[str, Any],
+    train_data: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The JSON part of a checkpoint: run state, schedule position, and the config that made the run."""
+    """The JSON part of a checkpoint: run state, schedule position, the config that made the run, and for a
+    streaming run each process's position in the stream (`data.train_loader_state`)."""
     schedule = {key: value for key, value in scheduler.state_dict().items() if key != "lr_lambdas"}
-    return {"run_state": dataclasses.asdict(state), "scheduler": schedule, "config": config}
+    payload = {"run_state": dataclasses.asdict(state), "scheduler": schedule, "config": config}
+    if train_data is not None:
+        payload["train_data"] = train_data
+    return payload
 
 
 def file_sizes(directory: Path) -> dict[str, int]:

@@ -39,6 +39,7 @@ from .image_processing_segformer_hf import rescaled_size, resize_image, resize_l
 
 if TYPE_CHECKING:
     from .arguments import TrainingConfig
+    from .streaming import StreamingTrainLoader
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,9 @@ def _standard_columns(
     if image_column == label_column:
         raise ValueError(f"image_column and label_column are both {image_column!r}")
     dataset = dataset.select_columns([image_column, label_column])
-    dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
+    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    if renames:  # (a stream refuses to rename a column to its own name)
+        dataset = dataset.rename_columns(renames)
     for column in ("image", "label"):
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
@@ -1086,11 +1089,13 @@ class SegmentationEvalTransform(_SampleDecoding):
 
 
 def train_collate_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"pixel_values": (B, 3, h, w), "labels": (B, h, w) int64, "num_skipped": placeholders in the batch}."""
+    """{"pixel_values": (B, 3, h, w), "labels": (B, h, w) int64, "num_skipped": placeholders in the batch,
+    "sample_ids": which samples these are (to trace a bad batch, and to check data order)}."""
     return {
         "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
         "labels": torch.stack([sample["labels"] for sample in samples]),
         "num_skipped": sum(bool(sample.get("skipped", False)) for sample in samples),
+        "sample_ids": [sample.get("sample_id") for sample in samples],
     }
 
 
@@ -1191,8 +1196,16 @@ def ignore_termination_signals(worker_id: int) -> None:
 # What a training run needs, from its config ---------------------------------------------------------------
 
 
-def load_training_data(config: TrainingConfig) -> tuple[datasets.Dataset, datasets.Dataset, dict[int, str]]:
-    """(train split, validation split, id2label) as the config describes them, sample caps applied."""
+def load_training_data(
+    config: TrainingConfig,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, datasets.Dataset, dict[int, str]]:
+    """(train split, validation split, id2label) as the config describes them, sample caps applied.
+
+    With `config.streaming` the training split is a `datasets.IterableDataset` read as it is used, and
+    the validation split is read into memory once (see `streaming`).
+    """
+    if config.streaming:
+        return _load_streaming_training_data(config)
     splits = load_segmentation_dataset(
         dataset_name=config.dataset_name,
         dataset_config_name=config.dataset_config_name,
@@ -1219,11 +1232,37 @@ def load_training_data(config: TrainingConfig) -> tuple[datasets.Dataset, datase
     return train, validation, id2label
 
 
-def train_dataloader_for(
-    config: TrainingConfig, dataset: datasets.Dataset, num_labels: int
-) -> tuple[DataLoader, SegmentationTrainTransform]:
-    """The training loader and its transform (whose epoch the loop sets) for the config's augmentation."""
-    transform = SegmentationTrainTransform(
+def _load_streaming_training_data(
+    config: TrainingConfig,
+) -> tuple[datasets.IterableDataset, datasets.Dataset, dict[int, str]]:
+    from .streaming import read_split, stream_segmentation_dataset
+
+    streams = stream_segmentation_dataset(
+        dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name,
+        data_dir=config.data_dir,
+        data_format=config.data_format,
+        train_split=config.train_split,
+        validation_split=config.validation_split,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
+    )
+    id2label = resolve_id2label(
+        id2label=config.id2label, id2label_file=config.id2label_file, data_dir=config.data_dir
+    )
+    return streams["train"], read_split(streams["validation"]), id2label
+
+
+def num_samples(dataset: datasets.Dataset | datasets.IterableDataset) -> int | None:
+    """The number of samples of a split; None for a stream, whose length is not known before its end."""
+    return None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
+
+
+def train_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationTrainTransform:
+    """The config's training augmentation (the paper's pipeline with the recipe's sizes)."""
+    return SegmentationTrainTransform(
         crop_size=tuple(config.crop_size),
         img_scale=tuple(config.img_scale),
         ratio_range=tuple(config.ratio_range),
@@ -1236,6 +1275,49 @@ def train_dataloader_for(
         seed=config.seed,
         skip_bad_samples=config.skip_bad_samples,
     )
+
+
+def eval_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationEvalTransform:
+    """The config's validation preprocessing: resized for its inference protocol, labels at full resolution."""
+    return SegmentationEvalTransform(
+        img_scale=config.inference_protocol().img_scale,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        num_labels=num_labels,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+
+
+def train_dataloader_for(
+    config: TrainingConfig,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    num_labels: int,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[DataLoader | StreamingTrainLoader, SegmentationTrainTransform]:
+    """The training loader and its transform (whose epoch the loop sets) for the config's augmentation.
+
+    A map-style split gives a DataLoader that Accelerate shards over the processes. A stream gives a
+    `streaming.StreamingTrainLoader` over this process's part of it (`num_shards`, `shard_index`)
+    whose batches are already on `device`: Accelerate leaves it alone.
+    """
+    transform = train_transform_for(config, num_labels)
+    if isinstance(dataset, datasets.IterableDataset):
+        from .streaming import streaming_train_loader
+
+        loader = streaming_train_loader(
+            dataset,
+            transform,
+            batch_size=config.per_device_train_batch_size,
+            num_workers=config.dataloader_num_workers,
+            seed=config.seed,
+            shuffle_buffer_size=config.shuffle_buffer_size,
+            num_shards=num_shards,
+            shard_index=shard_index,
+            device=device,
+        )
+        return loader, transform
     loader = build_train_dataloader(
         dataset,
         transform,
@@ -1254,13 +1336,7 @@ def eval_dataloader_for(
     shard_index: int = 0,
 ) -> DataLoader:
     """The validation loader for the config's inference protocol (this process's shard of it)."""
-    transform = SegmentationEvalTransform(
-        img_scale=config.inference_protocol().img_scale,
-        ignore_index=config.ignore_index,
-        reduce_labels=config.reduce_labels,
-        num_labels=num_labels,
-        skip_bad_samples=config.skip_bad_samples,
-    )
+    transform = eval_transform_for(config, num_labels)
     return build_eval_dataloader(
         dataset,
         transform,
@@ -1325,3 +1401,45 @@ def frequency_class_weights(frequencies: np.ndarray, offset: float = 1.02) -> li
     an absent one), so a rare class is weighted up without one tiny class dominating the loss.
     """
     return [float(1.0 / np.log(offset + share)) for share in frequencies]
+
+
+# The loader's position, for checkpoints --------------------------------------------------------------------
+
+
+def train_loader_state(loader: Any) -> dict[str, Any] | None:
+    """What a checkpoint must remember of this process's training loader, as JSON; None for a map-style loader.
+
+    A map-style loader's position follows from the step count (the resumed run skips the batches
+    done); a stream's does not, so it reports its own (`StreamingTrainLoader.state_dict`).
+    """
+    return loader.state_dict() if is_streaming_loader(loader) else None
+
+
+def restore_train_loader_state(
+    loader: Any, positions: list[dict[str, Any]] | None, process_index: int = 0, num_processes: int = 1
+) -> int | None:
+    """Puts a stream back where each process's `train_loader_state` left it (`positions`, one per process,
+    as saved in the checkpoint); returns the stream's epoch, or None for a map-style loader.
+
+    Raises:
+        ValueError: the checkpoint and the run disagree on streaming, or on the number of processes.
+    """
+    if not is_streaming_loader(loader):
+        if positions is not None:
+            raise ValueError("The checkpoint was made by a streaming run: resume it with streaming: true")
+        return None
+    if positions is None:
+        raise ValueError("The checkpoint holds no position in the stream: resume it with streaming: false")
+    if len(positions) != num_processes:
+        raise ValueError(
+            f"The checkpoint holds the stream positions of {len(positions)} processes; resume this streaming "
+            f"run with as many processes (not {num_processes})"
+        )
+    loader.load_state_dict(positions[process_index])
+    return loader.epoch
+
+
+def is_streaming_loader(loader: Any) -> bool:
+    from .streaming import StreamingTrainLoader
+
+    return isinstance(loader, StreamingTrainLoader)

@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from huggingface_hub import get_token
 from PIL import Image
 from tqdm.auto import tqdm
@@ -74,7 +80,7 @@ class Run:
     train_transform: seg_data.SegmentationTrainTransform
     eval_loader: Any
     id2label: dict[int, str]
-    num_train_samples: int
+    num_train_samples: int | None  # None: a stream
     state: RunState = field(default_factory=RunState)
     epoch: int = 0
     start_step: int = 0
@@ -111,8 +117,16 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 # Set up ---------------------------------------------------------------------------------------------------
 
 
-def set_up(config: TrainingConfig) -> Run:
-    """Accelerator, data, model, optimiser and schedule, and the resumed state if asked for."""
+def set_up(
+    config: TrainingConfig,
+    model_builder: Callable[[TrainingConfig, dict[int, str], list[float] | None], torch.nn.Module]
+    | None = None,
+) -> Run:
+    """Accelerator, data, model, optimiser and schedule, and the resumed state if asked for.
+
+    `model_builder(config, id2label, class_weights)` replaces `build_model`, e.g. to train transformers' own Segformer
+    with this loop (`scripts/benchmark_training.py`).
+    """
     check_push_settings(config)
     accelerator = create_accelerator(config)
     log_distribution(accelerator)
@@ -122,29 +136,37 @@ def set_up(config: TrainingConfig) -> Run:
     if config.metric_backend == "evaluate":
         # Fail now, not after hours of training, if evaluate's script cannot be loaded.
         create_metric("evaluate", num_labels=len(id2label), ignore_index=config.ignore_index)
-    train_loader, train_transform = seg_data.train_dataloader_for(config, train_dataset, len(id2label))
+    train_loader, train_transform = seg_data.train_dataloader_for(
+        config,
+        train_dataset,
+        len(id2label),
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.device,
+    )
     eval_loader = seg_data.eval_dataloader_for(
         config, eval_dataset, len(id2label), accelerator.num_processes, accelerator.process_index
     )
     class_weights = seg_data.class_weights_for(config, train_dataset, len(id2label))
-    model = build_model(config, id2label, class_weights)
+    model = (model_builder or build_model)(config, id2label, class_weights)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     run = Run(
         config, accelerator, model, optimizer, scheduler, train_loader, train_transform, eval_loader, id2label,
-        num_train_samples=len(train_dataset),
+        num_train_samples=seg_data.num_samples(train_dataset),
     )  # fmt: skip
     if config.resume_from_checkpoint:
         resume(run)
     write_run_config(run)
     accelerator.init_trackers(config.project_name, config={k: str(v) for k, v in config.to_dict().items()})
     logger.info(
-        "Training %s (%.1fM parameters) on %d samples (%d steps/epoch), %d validation samples, %d steps",
+        "Training %s (%.1fM parameters) on %s, %d validation samples, %d steps",
         config.init_from or config.model_variant,
         sum(p.numel() for p in model.parameters()) / 1e6,
-        len(train_dataset),
-        steps_per_epoch(run),
+        "a stream"
+        if run.num_train_samples is None
+        else f"{run.num_train_samples} samples ({steps_per_epoch(run)} steps/epoch)",
         len(eval_dataset),
         config.max_train_steps,
     )
@@ -263,7 +285,15 @@ def resume(run: Run) -> None:
     restore_scheduler(run.scheduler, payload)
     run.state = RunState(**payload["run_state"])
     run.start_step = run.state.global_step
-    run.epoch = run.state.global_step // steps_per_epoch(run)
+    # A stream continues from each process's saved position; a map-style loader's follows from the step.
+    run.epoch = seg_data.restore_train_loader_state(
+        run.train_loader,
+        payload.get("train_data"),
+        run.accelerator.process_index,
+        run.accelerator.num_processes,
+    )
+    if run.epoch is None:
+        run.epoch = run.state.global_step // steps_per_epoch(run)
     if run.accelerator.is_main_process:
         forget_logged_steps_after(run.output_dir / "train_log.jsonl", run.state.global_step)
     logger.info("Resumed from %s at step %d", checkpoint, run.state.global_step)
@@ -386,7 +416,12 @@ def training_batches(run: Run) -> Iterator[dict[str, Any]]:
         run.train_loader.set_epoch(run.epoch)
         # Augmentation draws depend on (seed, epoch, sample index) only: resumed runs see the same crops.
         run.train_transform.set_epoch(run.epoch)
-        done = (run.state.global_step - run.epoch * steps_per_epoch(run)) * config.gradient_accumulation_steps
+        # A stream resumes from its restored position; a map-style loader skips the batches already done.
+        done = 0
+        if not seg_data.is_streaming_loader(run.train_loader):
+            done = (
+                run.state.global_step - run.epoch * steps_per_epoch(run)
+            ) * config.gradient_accumulation_steps
         loader = run.accelerator.skip_first_batches(run.train_loader, done) if done else run.train_loader
         run.model.train()
         yield from loader
@@ -537,7 +572,9 @@ def checkpoint(run: Run) -> None:
             f"The weights hold non-finite values at step {run.state.global_step}: no checkpoint is saved. "
             "Lower the learning rate, or set nan_policy: skip."
         )
-    payload = checkpoint_payload(run.state, run.scheduler, run.config.to_dict())
+    stream_position = seg_data.train_loader_state(run.train_loader)
+    positions = None if stream_position is None else gather_object([stream_position])
+    payload = checkpoint_payload(run.state, run.scheduler, run.config.to_dict(), train_data=positions)
     path = save_checkpoint(
         run.accelerator, run.output_dir, run.state.global_step, payload, run.config.checkpoints_total_limit
     )

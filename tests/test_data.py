@@ -338,7 +338,9 @@ def test_id2label_errors(tmp_path):
 
 
 def test_ade20k_label_file_of_the_recipes_has_150_classes():
-    id2label = resolve_id2label(id2label_file=REPO_ROOT / "segformer_hf" / "recipes" / "labels" / "ade20k.json")
+    id2label = resolve_id2label(
+        id2label_file=REPO_ROOT / "segformer_hf" / "recipes" / "labels" / "ade20k.json"
+    )
     assert len(id2label) == 150 and id2label[0] == "wall"
 
 

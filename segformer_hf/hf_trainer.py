@@ -1,0 +1,152 @@
+"""Training with transformers' `Trainer`: the package's data and metric, shaped for it.
+
+`segformer-hf train` is this package's own loop (exact resume, the paper's schedule, sliding-window
+evaluation); the model is a plain `PreTrainedModel`, so transformers' `Trainer` trains it too. What
+that route needs from the package:
+
+- `trainer_datasets(config)`: the recipe's splits with the paper's augmentation and the evaluation
+  preprocessing attached by `with_transform` (decoded lazily, in the DataLoader workers), and
+  `data_collator` to batch them. Pass `remove_unused_columns=False`: the transforms read the raw
+  columns, which the model's signature does not name;
+- `AugmentationEpochCallback`: gives the training transform the epoch, so that a sample's crop changes
+  from epoch to epoch (the draws come from `(seed, epoch, sample_index)`, see `data`);
+- `preprocess_logits_for_metrics`: reduces each batch's logits (B, K, h/4, w/4) to predicted label maps
+  (B, H, W) int16 at the labels' resolution (bilinear upsampling, then arg-max, as `evaluate_model`),
+  so evaluation never holds the (N, K, H, W) logits of the split;
+- `mean_iou_metrics(num_labels, ignore_index)`: a `compute_metrics` backed by the streaming
+  `metrics.MeanIoU`. With `batch_eval_metrics=True` it is fed batch by batch and nothing is accumulated
+  at all; without it, Trainer concatenates the label maps (padding with -100, which is ignored here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import EvalPrediction, TrainerCallback
+
+from . import data as seg_data
+from .inference import scores_to_labels
+from .metrics import MeanIoU, _results_from_confusion
+
+if TYPE_CHECKING:
+    from .arguments import TrainingConfig
+
+# What Trainer pads label maps and predictions with when it concatenates or gathers them.
+TRAINER_PAD_INDEX = -100
+
+
+@dataclass
+class TrainerDatasets:
+    """The recipe's splits with their transforms attached, ready for `Trainer(train_dataset=..., eval_dataset=...)`."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    id2label: dict[int, str]
+    train_transform: seg_data.SegmentationTrainTransform
+
+
+def trainer_datasets(config: TrainingConfig) -> TrainerDatasets:
+    """The splits of a recipe (`arguments.load_config`) with the paper's augmentation and evaluation transforms.
+
+    The validation images are resized to the recipe's `img_scale` and their labels kept at full
+    resolution, as `segformer-hf train` evaluates (whole-image inference).
+    """
+    if config.streaming:
+        raise ValueError("trainer_datasets takes map-style data: set streaming: false")
+    train, validation, id2label = seg_data.load_training_data(config)
+    train_transform = seg_data.train_transform_for(config, len(id2label))
+    eval_transform = seg_data.eval_transform_for(config, len(id2label))
+    return TrainerDatasets(
+        train=train.with_transform(train_transform),
+        validation=validation.with_transform(eval_transform),
+        id2label=id2label,
+        train_transform=train_transform,
+    )
+
+
+def data_collator(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """{"pixel_values": (B, 3, h, w), "labels": (B, H, W)}: what the model's forward takes, nothing else.
+
+    Evaluation samples keep their labels at full resolution, so images of different sizes cannot share a
+    batch: use `per_device_eval_batch_size=1` for such data. Samples a transform skipped are left out.
+
+    Raises:
+        ValueError: samples of different sizes in one batch, or a batch of skipped samples only.
+    """
+    kept = [sample for sample in samples if sample["pixel_values"] is not None]
+    if not kept:
+        raise ValueError("Every sample of this batch was skipped as unreadable (skip_bad_samples)")
+    shapes = {(tuple(s["pixel_values"].shape), tuple(s["labels"].shape)) for s in kept}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"Samples of different sizes cannot share a batch: {sorted(shapes)}. "
+            "Evaluate with per_device_eval_batch_size=1 (labels stay at each image's own resolution)."
+        )
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in kept]),
+        "labels": torch.stack([sample["labels"] for sample in kept]),
+    }
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Sets the training transform's epoch at the start of each epoch, before the workers copy it."""
+
+    def __init__(self, transform: seg_data.SegmentationTrainTransform) -> None:
+        self.transform = transform
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.transform.set_epoch(int(state.epoch or 0))
+
+
+def preprocess_logits_for_metrics(
+    logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, K, h, w) -> predicted label maps (B, H, W) int16 at the labels' size (bilinear, then arg-max).
+
+    int16 holds every class id and Trainer's -100 padding; the arg-max of K scores per pixel is all the
+    metric needs, so evaluation memory no longer grows with K.
+    """
+    if isinstance(logits, tuple | list):
+        logits = logits[0]
+    # (B, K, h, w) -> (B, K, H, W), as inference.predict_whole upsamples
+    scores = F.interpolate(
+        logits.float(), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False
+    )
+    return scores_to_labels(scores).to(torch.int16)
+
+
+def mean_iou_metrics(
+    num_labels: int, ignore_index: int, *, reduce_labels: bool = False
+) -> Callable[..., dict[str, Any]]:
+    """A `compute_metrics` for Trainer: mean IoU, mean and overall accuracy, and per-class IoU of label maps.
+
+    Works with `batch_eval_metrics=True` (called once per batch, `compute_result` on the last one: the
+    counts are summed as batches come and reset after the result) and without it (called once with the
+    whole split). Takes the maps of `preprocess_logits_for_metrics`; Trainer's -100 padding is ignored.
+    A single-label (binary) model is scored over two classes, as `evaluation.evaluate_model` does.
+    """
+    metric_classes = 2 if num_labels == 1 else num_labels
+    metric = MeanIoU(metric_classes, ignore_index, reduce_labels=reduce_labels)
+
+    def compute_metrics(prediction: EvalPrediction, compute_result: bool = True) -> dict[str, Any]:
+        labels = torch.as_tensor(prediction.label_ids)
+        labels = labels.masked_fill(labels == TRAINER_PAD_INDEX, ignore_index)
+        metric.update(torch.as_tensor(prediction.predictions), labels)
+        if not compute_result:
+            return {}
+        # Trainer already gathered every process's maps: the counts here are the whole split's.
+        results = _results_from_confusion(metric.confusion_matrix(), metric_classes, None)
+        metric.reset()
+        return {
+            "mean_iou": float(results["mean_iou"]),
+            "mean_accuracy": float(results["mean_accuracy"]),
+            "overall_accuracy": float(results["overall_accuracy"]),
+            "per_category_iou": [float(value) for value in results["per_category_iou"]],
+        }
+
+    return compute_metrics
