@@ -2,7 +2,8 @@
 
     python scripts/benchmark.py                                       # B0 and B2 at 512x512
     python scripts/benchmark.py --device cpu --size 256 --repeats 3   # a quick run
-    python scripts/benchmark.py --device cuda --dtype bf16 --channels_last --compile --json bench.json
+    python scripts/benchmark.py --device cuda --dtype bf16 --channels_last --json bench.json
+    python scripts/benchmark.py --device cpu --variants b0 --size 256 --compile      # eager vs compiled
 
 For each variant, transformers' `SegformerForSemanticSegmentation` (SDPA attention) is built with random
 weights and ours is loaded from it with `from_reference`, so both hold the same parameters. Before any
@@ -20,6 +21,12 @@ odd ones) after warm-up runs, timed to completion (CUDA is synchronised), summar
 On the CPU, the inference workloads also time onnxruntime (CPU execution provider, as many intra-op
 threads as torch) running our model exported with segformer_hf.onnx_export (verified by the export
 itself, and its logits also held to the tolerance above against transformers'); --no_onnx leaves it out.
+
+`--compile` measures instead what torch.compile (inductor) gives each model: eager and compiled runs of the
+latency and training workloads, alternated, with the ratio compiled / eager per model, and the compile
+time: the first call (tracing, compiling and one run) and the first call at a NEW size (--size plus
+--new_size_offset), which with dynamic shapes (--dynamic true) reuses the first graph instead of
+compiling again. Compiled logits must match eager ones (relative L2 <= 1e-4) or nothing is reported.
 
 Ratios are ours / transformers': below 1 is faster (or smaller); the onnxruntime ratio is onnxruntime /
 transformers'. Peak memory is the most memory one step
@@ -59,9 +66,11 @@ from segformer_hf.files import write_json_atomic  # noqa: E402
 from segformer_hf.onnx_export import EXPORTERS, INPUT_NAME, OUTPUT_NAME, OnnxVerificationError  # noqa: E402
 
 TOLERANCE = 1e-5
+COMPILE_TOLERANCE = 1e-4
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORED_FRACTION = 0.05
 ONNX_NAME = "onnxruntime"
+MODEL_NAMES = ("ours", "transformers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16: autocast on CUDA")
     parser.add_argument("--channels_last", action="store_true", help="models and inputs in channels-last")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile", action="store_true", help="eager vs torch.compile for both models, with compile times"
+    )
+    parser.add_argument(
+        "--dynamic",
+        choices=["auto", "true", "false"],
+        default="true",
+        help="torch.compile's dynamic: true marks sizes dynamic from the start; auto recompiles once",
+    )
+    parser.add_argument(
+        "--new_size_offset", type=int, default=32, help="--compile: the NEW size is size + this"
+    )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per model and workload")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model and workload first")
@@ -133,11 +153,11 @@ def make_inputs(
     return pixel_values, labels.masked_fill(ignored, ignore_index)
 
 
-def prepare(model: nn.Module, device: torch.device, channels_last: bool, compile_model: bool) -> nn.Module:
+def prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile_model else model
+    return model
 
 
 def use_ieee_float32() -> None:
@@ -345,15 +365,115 @@ def benchmark_variant(
         }
         if onnx_session is not None and not training:
             steps[ONNX_NAME] = onnxruntime_step(onnx_session, pixel_values)
-        # Compilation happens in the first runs: never time them.
-        warmup = max(args.warmup, 2 if args.compile else 0)
-        seconds = time_alternating(steps, warmup, args.repeats, synchronize)
+        seconds = time_alternating(steps, args.warmup, args.repeats, synchronize)
         # onnxruntime allocates outside PyTorch, so its memory is not measured.
         peaks = {model_name: None for model_name in steps}
         if not args.no_memory:
             peaks.update({model_name: peak_memory_bytes(steps[model_name], device) for model_name in models})
         rows.append(_summarise(name, batch_size, seconds, peaks))
     return rows
+
+
+def benchmark_compiled(
+    models: dict[str, nn.Module], args: argparse.Namespace, device: torch.device, ignore_index: int
+) -> list[dict[str, Any]]:
+    """Eager vs torch.compile per model: medians of alternated runs, and compile times (see the docstring)."""
+    dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
+    synchronize = synchronizer(device)
+    rows = []
+    for index, (name, batch_size, training) in enumerate(workloads(args)):
+        if name == "inference throughput":
+            continue  # latency and training show the compiler's effect; batch 8 only adds minutes
+        inputs = [
+            tuple(
+                tensor.to(device)
+                for tensor in make_inputs(
+                    batch_size, size, args.num_labels, ignore_index, args.seed + 1 + index
+                )
+            )
+            for size in (args.size, args.size + args.new_size_offset)
+        ]
+        steps, compile_times, errors = {}, {}, {}
+        for model_name, model in models.items():
+            compiled = torch.compile(model, dynamic=dynamic)
+            for kind, network in (("eager", model), ("compiled", compiled)):
+                steps[f"{model_name} {kind}"] = (
+                    training_step(network, *inputs[0], contextlib.nullcontext)
+                    if training
+                    else inference_step(network, inputs[0][0], contextlib.nullcontext)
+                )
+            graphs_before = _compiled_graphs()
+            compile_times[model_name] = {
+                "first_call_s": _first_call_seconds(steps[f"{model_name} compiled"], synchronize),
+                "new_size_first_call_s": _first_call_seconds(
+                    training_step(compiled, *inputs[1], contextlib.nullcontext)
+                    if training
+                    else inference_step(compiled, inputs[1][0], contextlib.nullcontext),
+                    synchronize,
+                ),
+                "graphs": _compiled_graphs() - graphs_before,  # 1: the new size reused the first graph
+            }
+            if not training:
+                with torch.inference_mode():
+                    model.eval()
+                    errors[model_name] = relative_l2(
+                        compiled(pixel_values=inputs[1][0]).logits, model(pixel_values=inputs[1][0]).logits
+                    )
+        seconds = time_alternating(steps, args.warmup, args.repeats, synchronize)
+        row: dict[str, Any] = {"workload": name, "batch_size": batch_size}
+        for model_name in models:
+            eager = statistics.median(seconds[f"{model_name} eager"])
+            compiled = statistics.median(seconds[f"{model_name} compiled"])
+            row[model_name] = {
+                "eager_ms": eager * 1e3,
+                "compiled_ms": compiled * 1e3,
+                "compiled_over_eager": compiled / eager,
+                "compiled_logits_relative_l2": errors.get(model_name),
+                **compile_times[model_name],
+            }
+        rows.append(row)
+    return rows
+
+
+def _first_call_seconds(step: Callable[[], None], synchronize: Callable[[], None]) -> float:
+    synchronize()
+    start = time.perf_counter()
+    step()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def _compiled_graphs() -> int:
+    """Graphs compiled so far in this process (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def format_compile_table(results: dict[str, Any]) -> str:
+    header = f"{'variant':<8}{'workload':<20}{'batch':>6}" + "".join(
+        f"{model_name[:6] + ' ' + column:>{width}}"
+        for model_name in MODEL_NAMES
+        for column, width in (
+            ("eager ms", 16),
+            ("compiled ms", 19),
+            ("c/e", 11),
+            ("compile s", 17),
+            ("new size s", 18),
+        )
+    )
+    lines = [header, "-" * len(header)]
+    for variant, result in results.items():
+        for row in result["workloads"]:
+            line = f"{variant:<8}{row['workload']:<20}{row['batch_size']:>6}"
+            for model_name in MODEL_NAMES:
+                side = row[model_name]
+                line += (
+                    f"{side['eager_ms']:>16.1f}{side['compiled_ms']:>19.1f}{side['compiled_over_eager']:>11.3f}"
+                    f"{side['first_call_s']:>17.1f}{side['new_size_first_call_s']:>18.1f}"
+                )
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def _summarise(
@@ -469,7 +589,7 @@ def _run(
         models = build_models(variant, args.num_labels, args.seed)
         ignore_index = models["ours"].config.semantic_loss_ignore_index
         onnx_session = None
-        if use_onnx:
+        if use_onnx and not args.compile:
             try:
                 path = onnx_directory / f"{variant}.onnx"
                 onnx_session = export_for_onnxruntime(models["ours"], path, args.onnx_exporter)
@@ -479,9 +599,7 @@ def _run(
             except OnnxVerificationError as error:
                 print(f"error: the ONNX export of our {variant} disagrees with it: {error}", file=sys.stderr)
                 return 1
-        models = {
-            name: prepare(model, device, args.channels_last, args.compile) for name, model in models.items()
-        }
+        models = {name: prepare(model, device, args.channels_last) for name, model in models.items()}
         pixel_values, labels = make_inputs(2, args.size, args.num_labels, ignore_index, seed=args.seed)
         agreement[variant] = check_agreement(
             models,
@@ -511,16 +629,48 @@ def _run(
     for variant, (models, ignore_index, onnx_session) in prepared.items():
         results[variant] = {
             "agreement": agreement[variant],
-            "workloads": benchmark_variant(models, args, device, ignore_index, onnx_session),
+            "workloads": (
+                benchmark_compiled(models, args, device, ignore_index)
+                if args.compile
+                else benchmark_variant(models, args, device, ignore_index, onnx_session)
+            ),
         }
         print(f"Done: {variant}", flush=True)
     print()
+    if args.compile:
+        return report_compiled(results, args, info, settings)
     print(format_table(results))
     print("time ratio and mem ratio are ours / transformers' (below 1: ours is faster / smaller).")
     if any(onnx_session is not None for _, _, onnx_session in prepared.values()):
         print(
             f"ORT: onnxruntime (CPU), our model exported by {args.onnx_exporter}; ORT ratio: ORT / transformers'."
         )
+    if args.json is not None:
+        write_json_atomic(args.json, {"environment": info, "settings": settings, "results": results})
+        print(f"Wrote {args.json}")
+    return 0
+
+
+def report_compiled(
+    results: dict[str, Any], args: argparse.Namespace, info: dict[str, Any], settings: dict[str, Any]
+) -> int:
+    """Prints the eager-vs-compiled table; refuses (status 1) when compiled logits differ from eager ones."""
+    print(format_compile_table(results))
+    print(
+        "c/e is compiled / eager time (below 1: compiling helps); compile s is the first call, new size s the "
+        f"first call at {args.size + args.new_size_offset}px (dynamic={args.dynamic})."
+    )
+    wrong = [
+        f"{variant} {name}"
+        for variant, result in results.items()
+        for row in result["workloads"]
+        for name in MODEL_NAMES
+        if row[name]["compiled_logits_relative_l2"] is not None
+        and not row[name]["compiled_logits_relative_l2"] <= COMPILE_TOLERANCE
+    ]
+    if wrong:
+        print(f"error: compiled logits differ from eager ones for {', '.join(wrong)}", file=sys.stderr)
+        return 1
     if args.json is not None:
         write_json_atomic(args.json, {"environment": info, "settings": settings, "results": results})
         print(f"Wrote {args.json}")

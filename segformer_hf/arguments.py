@@ -189,6 +189,12 @@ class AugmentationArguments:
     photometric_distortion: bool = _help(
         "brightness, contrast, saturation and hue jitter as in mmseg", default=True
     )
+    augment_device: str = _help(
+        "cpu: DataLoader workers run the whole augmentation (numpy); cuda: workers only decode and draw, "
+        "and the batch is resized, cropped, flipped, distorted and normalised on the GPU in torch "
+        "(same draws, same labels, images equal up to rounding)",
+        default="cpu",
+    )
 
 
 @dataclass
@@ -241,6 +247,10 @@ class OptimizationArguments:
     gradient_accumulation_steps: int = _help("micro-batches per optimisation step", default=1)
     max_grad_norm: float | None = _help("clip the gradient norm to this; null: no clipping", default=None)
     mixed_precision: str = _help("no, fp16 or bf16", default="no")
+    torch_compile: bool = _help(
+        "compile the model with torch.compile (inductor) before training; saved weights keep their names",
+        default=False,
+    )
     seed: int = _help("seed of the model initialisation, the data order and the augmentation", default=42)
     nan_policy: str = _help(
         "stop: a non-finite loss or gradient ends the run; skip: that update is skipped and counted",
@@ -424,6 +434,10 @@ def _value_problems(config: TrainingConfig) -> list[str]:
             f"mixed_precision must be no|fp16|bf16: {config.mixed_precision}",
         ),
         (config.nan_policy in ("stop", "skip"), f"nan_policy must be stop|skip: {config.nan_policy}"),
+        (
+            config.augment_device in ("cpu", "cuda"),
+            f"augment_device must be cpu|cuda: {config.augment_device}",
+        ),
         (config.metric_backend in ("streaming", "evaluate"), "metric_backend must be streaming|evaluate"),
         (
             config.hub_format in ("segformer_hf", "transformers"),

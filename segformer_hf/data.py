@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import signal
 from collections import Counter
@@ -921,6 +922,16 @@ class _SampleDecoding:
         )
 
 
+@dataclass(frozen=True)
+class AugmentationDraws:
+    """Every random choice of one sample's training augmentation (see `SegmentationTrainTransform.draw`)."""
+
+    resized_size: Size  # (h, w) of the keep-ratio resize with the drawn ratio
+    crop_box: tuple[int, int]  # (top, left) of the crop in the resized image
+    flip: bool
+    photometric: PhotometricParams | None  # None: photometric distortion is off
+
+
 class SegmentationTrainTransform(_SampleDecoding):
     """The paper's (mmseg's) training augmentation, as a `datasets` batch transform for `with_transform`.
 
@@ -999,24 +1010,35 @@ class SegmentationTrainTransform(_SampleDecoding):
             output["sample_id"].append(sample_id)
         return output
 
+    def draw(self, label: np.ndarray, rng: np.random.Generator) -> tuple[AugmentationDraws, np.ndarray]:
+        """All of a sample's random draws, in their one fixed order, and its label resized and cropped.
+
+        The crop box depends on the resized label (`cat_max_ratio`), so the label is resized here; the
+        (H', W') label window (flipped when drawn) comes back so that no caller resizes it twice. Both
+        augmentation paths (numpy here, batched torch in `augmentation`) apply exactly these draws.
+        """
+        ratio = rng.uniform(*self.ratio_range)
+        scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
+        size = rescaled_size(*label.shape, scale)
+        label = resize_label(label, size)
+        top, left = random_crop_box(label, self.crop_size, self.cat_max_ratio, self.ignore_index, rng)
+        crop_height, crop_width = self.crop_size
+        label = label[top : top + crop_height, left : left + crop_width]
+        flip = bool(rng.random() < self.flip_prob)
+        photometric = draw_photometric_params(rng) if self.photometric_distortion else None
+        return AugmentationDraws(size, (top, left), flip, photometric), label[:, ::-1] if flip else label
+
     def augment(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W, 3) uint8 + (H, W) ids -> (3, *crop_size) float32 + (*crop_size) int64."""
-        ratio = rng.uniform(*self.ratio_range)
-        scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
-        size = rescaled_size(*label.shape, scale)
-        image, label = resize_image(image, size), resize_label(label, size)
-
-        top, left = random_crop_box(label, self.crop_size, self.cat_max_ratio, self.ignore_index, rng)
-        crop_height, crop_width = self.crop_size
-        image = image[top : top + crop_height, left : left + crop_width]
-        label = label[top : top + crop_height, left : left + crop_width]
-
-        if rng.random() < self.flip_prob:
-            image, label = image[:, ::-1], label[:, ::-1]
-        if self.photometric_distortion:
-            image = apply_photometric_distortion(image, draw_photometric_params(rng))
+        draws, label = self.draw(label, rng)
+        (top, left), (height, width) = draws.crop_box, label.shape
+        image = resize_image(image, draws.resized_size)[top : top + height, left : left + width]
+        if draws.flip:
+            image = image[:, ::-1]
+        if draws.photometric is not None:
+            image = apply_photometric_distortion(image, draws.photometric)
 
         pixel_values = np.zeros((3, *self.crop_size), dtype=np.float32)
         labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
@@ -1039,6 +1061,66 @@ class SegmentationTrainTransform(_SampleDecoding):
             torch.zeros(3, *self.crop_size, dtype=torch.float32),
             torch.full(self.crop_size, self.ignore_index, dtype=torch.int64),
         )
+
+
+class SegmentationDecodeTransform(SegmentationTrainTransform):
+    """The worker half of `augment_device` cuda: decode and draw here, augment the batch on the device.
+
+    Per sample it yields the decoded uint8 image at its original size, the label already resized,
+    cropped, flipped and padded to crop_size (the crop draw needs the resized label anyway, and a crop
+    is smaller to ship than the full map), and the draws as tensors (`draws_as_tensors`). The image's
+    resize, crop, flip, photometric distortion and normalisation are left to
+    `augmentation.DeviceAugmentation`, which applies these draws batched in torch. The draws come
+    from the same `(seed, epoch, sample_index)` generator in the same order as in
+    `SegmentationTrainTransform`, so both paths augment a sample alike.
+    """
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        output: dict[str, list] = {"image": [], "labels": [], "draws": [], "skipped": [], "sample_id": []}
+        for image, label, sample_id, sample_index in _rows(batch):
+            try:
+                image_array, label_array = self.decode(image, label, sample_id, sample_index)
+                draws, label_array = self.draw(label_array, self.rng(sample_index))
+                skipped = False
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                logger.warning(
+                    "Skipping a bad training sample (an all-ignored placeholder takes its place): %s", error
+                )
+                # A 1x1 black image cropped at the origin; the device side zeroes it and ignores its label.
+                image_array, label_array = np.zeros((1, 1, 3), np.uint8), np.zeros((0, 0), np.int64)
+                draws, skipped = AugmentationDraws((1, 1), (0, 0), False, None), True
+            labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
+            labels[: label_array.shape[0], : label_array.shape[1]] = label_array
+            output["image"].append(torch.from_numpy(np.require(image_array, requirements=["C", "W"])))
+            output["labels"].append(torch.from_numpy(labels))
+            output["draws"].append(draws_as_tensors(draws))
+            output["skipped"].append(skipped)
+            output["sample_id"].append(sample_id)
+        return output
+
+
+def draws_as_tensors(draws: AugmentationDraws) -> dict[str, torch.Tensor]:
+    """One sample's draws as tensors that a DataLoader batches and an accelerator moves to its device.
+
+    `photometric` is (brightness delta, contrast first, contrast alpha, saturation alpha, hue delta),
+    NaN for a step that is not applied.
+    """
+    params = draws.photometric or PhotometricParams(None, False, None, None, None)
+    photometric = [
+        params.brightness_delta,
+        float(params.contrast_first),
+        params.contrast_alpha,
+        params.saturation_alpha,
+        params.hue_delta,
+    ]
+    return {
+        "resized_size": torch.tensor(draws.resized_size, dtype=torch.int64),
+        "crop_box": torch.tensor(draws.crop_box, dtype=torch.int64),
+        "flip": torch.tensor(draws.flip),
+        "photometric": torch.tensor([math.nan if v is None else v for v in photometric], dtype=torch.float64),
+    }
 
 
 class SegmentationEvalTransform(_SampleDecoding):
@@ -1099,6 +1181,30 @@ def train_collate_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def decoded_collate_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batches `SegmentationDecodeTransform` samples for `augmentation.DeviceAugmentation`.
+
+    {"images": (B, H_max, W_max, 3) uint8 zero-padded, "image_sizes": (B, 2), "labels": (B, h, w)
+    int64, "draws": {name: (B, ...)}, "skipped": (B,) bool, "num_skipped"}.
+    """
+    heights = [sample["image"].shape[0] for sample in samples]
+    widths = [sample["image"].shape[1] for sample in samples]
+    images = torch.zeros(len(samples), max(heights), max(widths), 3, dtype=torch.uint8)
+    for index, sample in enumerate(samples):
+        images[index, : heights[index], : widths[index]] = sample["image"]
+    skipped = [bool(sample.get("skipped", False)) for sample in samples]
+    return {
+        "images": images,
+        "image_sizes": torch.tensor(list(zip(heights, widths)), dtype=torch.int64),
+        "labels": torch.stack([sample["labels"] for sample in samples]),
+        "draws": {
+            key: torch.stack([sample["draws"][key] for sample in samples]) for key in samples[0]["draws"]
+        },
+        "skipped": torch.tensor(skipped),
+        "num_skipped": sum(skipped),
+    }
+
+
 def eval_collate_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batches evaluation samples of possibly different sizes, dropping the skipped ones.
 
@@ -1130,6 +1236,7 @@ def build_train_dataloader(
     batch_size: int,
     num_workers: int,
     seed: int,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = train_collate_fn,
 ) -> DataLoader:
     """Shuffled, full batches of augmented crops; the transform runs lazily in the DataLoader workers.
 
@@ -1151,7 +1258,7 @@ def build_train_dataloader(
         shuffle=True,
         drop_last=True,
         num_workers=num_workers,
-        collate_fn=train_collate_fn,
+        collate_fn=collate_fn,
         worker_init_fn=ignore_termination_signals,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -1261,8 +1368,13 @@ def num_samples(dataset: datasets.Dataset | datasets.IterableDataset) -> int | N
 
 
 def train_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationTrainTransform:
-    """The config's training augmentation (the paper's pipeline with the recipe's sizes)."""
-    return SegmentationTrainTransform(
+    """The config's training augmentation (the paper's pipeline with the recipe's sizes).
+
+    With `augment_device` other than cpu the workers only decode and draw (`SegmentationDecodeTransform`):
+    the batches are then finished by `augmentation.DeviceAugmentation` on the accelerator.
+    """
+    on_device = config.augment_device != "cpu"
+    return (SegmentationDecodeTransform if on_device else SegmentationTrainTransform)(
         crop_size=tuple(config.crop_size),
         img_scale=tuple(config.img_scale),
         ratio_range=tuple(config.ratio_range),
@@ -1303,7 +1415,10 @@ def train_dataloader_for(
     whose batches are already on `device`: Accelerate leaves it alone.
     """
     transform = train_transform_for(config, num_labels)
+    on_device = config.augment_device != "cpu"
     if isinstance(dataset, datasets.IterableDataset):
+        if on_device:
+            raise ValueError("augment_device is for map-style data: use augment_device cpu with streaming")
         from .streaming import streaming_train_loader
 
         loader = streaming_train_loader(
@@ -1324,6 +1439,7 @@ def train_dataloader_for(
         batch_size=config.per_device_train_batch_size,
         num_workers=config.dataloader_num_workers,
         seed=config.seed,
+        collate_fn=decoded_collate_fn if on_device else train_collate_fn,
     )
     return loader, transform
 

@@ -447,6 +447,10 @@ class SegformerHFDecodeHead(nn.Module):
         normalised by `batch_norm` as before.
         """
         norm = self.batch_norm
+        if statistics_samples is not None and torch.compiler.is_compiling():
+            # The branches and boolean indexing below sync with the host and change shapes with the data,
+            # which breaks the compiled graph in two; the masked form computes the same without either.
+            return self.normalize_masked(fused, statistics_samples)
         if statistics_samples is None or bool(statistics_samples.all()):
             return norm(fused)
         if not statistics_samples.any():
@@ -462,6 +466,41 @@ class SegformerHFDecodeHead(nn.Module):
             fused[~statistics_samples], mean, variance, norm.weight, norm.bias, False, 0.0, norm.eps
         )
         return hidden
+
+    def normalize_masked(self, fused: torch.Tensor, statistics_samples: torch.Tensor) -> torch.Tensor:
+        """`normalize` as one static graph: statistics weighted by the 0/1 mask, no host sync.
+
+        The listed samples are normalised by their own (differentiable) batch statistics, the others by
+        the same statistics detached, and the running statistics move only when some sample is listed;
+        with none listed the batch normalises itself, as in `normalize`. Only the summation order
+        differs from `normalize`, so results agree to float rounding.
+        """
+        norm = self.batch_norm
+        # (B,) -> (B, 1, 1, 1) sample weights; with no listed sample every sample counts.
+        listed = statistics_samples[:, None, None, None]
+        any_listed = statistics_samples.any()
+        counted = (listed | ~any_listed).to(torch.float32)
+        pixels = counted.sum() * fused[0, 0].numel()
+        values = fused.float()  # float32 like BatchNorm's own statistics under autocast
+        mean = (values * counted).sum(dim=(0, 2, 3)) / pixels
+        variance = (counted * (values - mean[:, None, None]).square()).sum(dim=(0, 2, 3)) / pixels
+
+        def affine(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+            scale = norm.weight * torch.rsqrt(variance + norm.eps)
+            return values * scale[:, None, None] + (norm.bias - mean * scale)[:, None, None]
+
+        live = listed | ~any_listed
+        hidden = torch.where(live, affine(mean, variance), affine(mean.detach(), variance.detach()))
+        if norm.track_running_stats and norm.running_mean is not None:
+            with torch.no_grad():
+                norm.num_batches_tracked.add_(any_listed.long())
+                momentum = norm.momentum
+                if momentum is None:  # cumulative average, as nn.BatchNorm
+                    momentum = 1.0 / norm.num_batches_tracked.clamp(min=1).float()
+                unbiased = variance * pixels / (pixels - 1).clamp(min=1)
+                for running, batch in ((norm.running_mean, mean), (norm.running_var, unbiased)):
+                    running.copy_(torch.where(any_listed, running + momentum * (batch - running), running))
+        return hidden.to(fused.dtype)
 
     def forward(
         self,

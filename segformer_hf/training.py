@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from . import data as seg_data
 from .arguments import EvaluationArguments, RunArguments, TrainingConfig, parse_args
+from .augmentation import DeviceAugmentation
 from .checkpointing import (
     InterruptFlag,
     RunState,
@@ -88,6 +89,7 @@ class Run:
     interrupted_by: str | None = None
     step_loss: float = 0.0
     progress: Any = None
+    device_augmentation: DeviceAugmentation | None = None  # augment_device cuda: finishes each batch
 
     @property
     def output_dir(self) -> Path:
@@ -149,6 +151,11 @@ def set_up(
     )
     class_weights = seg_data.class_weights_for(config, train_dataset, len(id2label))
     model = (model_builder or build_model)(config, id2label, class_weights)
+    lay_out_weights_as_gradients(model)
+    if config.torch_compile:
+        # In place (nn.Module.compile), not a wrapper: parameter names, and so checkpoints and saved
+        # models, stay without an `_orig_mod.` prefix.
+        model.compile()
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -156,6 +163,12 @@ def set_up(
         config, accelerator, model, optimizer, scheduler, train_loader, train_transform, eval_loader, id2label,
         num_train_samples=seg_data.num_samples(train_dataset),
     )  # fmt: skip
+    if config.augment_device != "cpu":
+        if accelerator.device.type != config.augment_device:
+            raise ValueError(
+                f"augment_device {config.augment_device} but training runs on {accelerator.device}"
+            )
+        run.device_augmentation = DeviceAugmentation(config.crop_size, config.ignore_index)
     if config.resume_from_checkpoint:
         resume(run)
     write_run_config(run)
@@ -271,6 +284,27 @@ def build_model(
             "set model_variant to match, or leave it out (init_from decides the architecture)"
         )
     return model
+
+
+def lay_out_weights_as_gradients(model: torch.nn.Module) -> None:
+    """Gives every convolution weight the channels-last strides its gradient comes out with.
+
+    The feature maps are channels-last, so oneDNN and cuDNN return channels-last weight gradients. For
+    a weight with a size-1 dimension (depthwise 3x3, 1x1 classifier) the strides differ from the
+    weight's only in that dimension: autograd keeps such a gradient as is, and DDP then copies it into
+    its bucket element by element and warns "Grad strides do not match bucket view strides". For the
+    others (patch embeddings, sequence reduction) autograd copies every gradient into the weight's
+    layout each step. Weights laid out like their gradients need neither copy; the values are the same.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            weight = module.weight
+            relaid = torch.empty(
+                weight.shape, dtype=weight.dtype, device=weight.device, memory_format=torch.channels_last
+            )
+            with torch.no_grad():
+                relaid.copy_(weight)
+            module.weight = torch.nn.Parameter(relaid, requires_grad=weight.requires_grad)
 
 
 def resume(run: Run) -> None:
@@ -424,7 +458,8 @@ def training_batches(run: Run) -> Iterator[dict[str, Any]]:
             ) * config.gradient_accumulation_steps
         loader = run.accelerator.skip_first_batches(run.train_loader, done) if done else run.train_loader
         run.model.train()
-        yield from loader
+        for batch in loader:
+            yield batch if run.device_augmentation is None else run.device_augmentation(batch)
         run.epoch += 1
 
 
