@@ -611,13 +611,8 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
                 ohem_thresh=self.config.ohem_thresh if self.config.use_ohem else None,
                 ohem_min_kept=self.config.ohem_min_kept if self.config.use_ohem else None,
             )
-        if self.config.num_labels > 1 and torch.compiler.is_compiling():
-            # The compiler fuses the plain composition by itself (and cannot trace the hand-written one).
-            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            return F.cross_entropy(upsampled, labels.long(), ignore_index=ignore_index)
         if self.config.num_labels > 1:
-            with_gradient = torch.is_grad_enabled() and logits.requires_grad
-            return UpsampledCrossEntropy.apply(logits, labels, ignore_index, with_gradient)
+            return upsampled_cross_entropy(logits, labels, ignore_index)
         upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = (labels >= 0) & (labels != ignore_index)
         per_pixel = F.binary_cross_entropy_with_logits(
@@ -701,6 +696,19 @@ def ohem_kept_pixels(
         0, hardest, True
     )
     return kept
+
+
+@torch.compiler.disable
+def upsampled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """`UpsampledCrossEntropy`, kept out of torch.compile's graph (a graph break at the very end).
+
+    Compiled, the plain `F.cross_entropy(F.interpolate(logits, ...))` costs inductor's CPU code about
+    330 ms of log-softmax and its backward for a 256x256 batch of one with 150 classes (B0's whole eager
+    training step is 340 ms), more than the rest of the model; the hand-written function is not
+    traceable, and run eager it costs what it costs without the compiler.
+    """
+    with_gradient = torch.is_grad_enabled() and logits.requires_grad
+    return UpsampledCrossEntropy.apply(logits, labels, ignore_index, with_gradient)
 
 
 class UpsampledCrossEntropy(torch.autograd.Function):

@@ -99,7 +99,7 @@ def test_torch_compile_training_saves_weights_without_the_compile_prefix(tmp_pat
          "--max_train_steps", "2", "--max_train_samples", "4", "--max_eval_samples", "2",
          "--crop_size", "64", "64", "--img_scale", "96", "64", "--per_device_train_batch_size", "2",
          "--per_device_eval_batch_size", "2", "--dataloader_num_workers", "0", "--warmup_steps", "1",
-         "--eval_steps", "100", "--checkpointing_steps", "2", "--report_to", "none", "--output_dir", str(output_dir)],
+         "--eval_steps", "1", "--checkpointing_steps", "2", "--report_to", "none", "--output_dir", str(output_dir)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
