@@ -1314,14 +1314,7 @@ def load_training_data(
     if config.streaming:
         return _load_streaming_training_data(config)
     splits = load_segmentation_dataset(
-        dataset_name=config.dataset_name,
-        dataset_config_name=config.dataset_config_name,
-        data_dir=config.data_dir,
-        data_format=config.data_format,
-        train_split=config.train_split,
-        validation_split=config.validation_split,
-        image_column=config.image_column,
-        label_column=config.label_column,
+        **_data_source(config),
         validation_fraction=config.validation_fraction,
         seed=config.seed,
     )
@@ -1339,20 +1332,27 @@ def load_training_data(
     return train, validation, id2label
 
 
+def _data_source(config: TrainingConfig) -> dict[str, Any]:
+    """Where the config's data comes from: the arguments map-style loading and streaming share."""
+    return {
+        "dataset_name": config.dataset_name,
+        "dataset_config_name": config.dataset_config_name,
+        "data_dir": config.data_dir,
+        "data_format": config.data_format,
+        "train_split": config.train_split,
+        "validation_split": config.validation_split,
+        "image_column": config.image_column,
+        "label_column": config.label_column,
+    }
+
+
 def _load_streaming_training_data(
     config: TrainingConfig,
 ) -> tuple[datasets.IterableDataset, datasets.Dataset, dict[int, str]]:
     from .streaming import read_split, stream_segmentation_dataset
 
     streams = stream_segmentation_dataset(
-        dataset_name=config.dataset_name,
-        dataset_config_name=config.dataset_config_name,
-        data_dir=config.data_dir,
-        data_format=config.data_format,
-        train_split=config.train_split,
-        validation_split=config.validation_split,
-        image_column=config.image_column,
-        label_column=config.label_column,
+        **_data_source(config),
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
     )
