@@ -9,7 +9,7 @@ exporter can succeed and still write a graph that is wrong, or right only at the
 (each traced `Reshape` whose target became a constant), so the file only reaches `output` after
 onnxruntime has reproduced the PyTorch logits at sizes other than the traced one.
 
-onnx, onnxruntime and onnxscript are optional dependencies (`pip install 'segformer_hf[onnx]'`): they are
+onnx, onnxruntime and onnxscript are optional dependencies (`pip install onnx onnxruntime onnxscript`, or `pip install ".[onnx]"` from a checkout): they are
 imported when an export runs, never when segformer_hf is imported.
 """
 
@@ -43,7 +43,7 @@ OUTPUT_NAME = "logits"
 TRACE_SIZE = (2, 128, 128)
 VERIFY_BATCH = 2
 VERIFY_SIZES = ((96, 160), (131, 97))
-INSTALL_HINT = "pip install 'segformer_hf[onnx]'"
+INSTALL_HINT = 'pip install onnx onnxruntime onnxscript (or pip install ".[onnx]" from a checkout of segformer_hf)'
 
 
 class OnnxVerificationError(RuntimeError):
