@@ -16,6 +16,7 @@ import torch._dynamo
 from conftest import DEMO_DATA, REPO_ROOT
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
 from segformer_hf import data as seg_data
@@ -45,25 +46,29 @@ def _tiny_model(**overrides) -> SegformerHFForSemanticSegmentation:
 
 
 def test_compiled_inference_equals_eager_at_two_sizes_without_recompiling():
-    model = _tiny_model().eval()
+    # B0's widths, one block per stage.
+    model = _tiny_model(hidden_sizes=[32, 64, 160, 256], num_attention_heads=[1, 2, 5, 8]).eval()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")
+    # Sizes dynamic from the start: a new image size reuses the graph (batch 1, as benchmark.py --compile).
     compiled = torch.compile(model, backend=counter, dynamic=True)
+    compiled_after = []
     with torch.inference_mode():
-        for size in ((64, 96), (96, 64)):
-            pixel_values = torch.randn(2, 3, *size)
+        for size in ((256, 256), (288, 288)):
+            pixel_values = torch.randn(1, 3, *size)
             torch.testing.assert_close(
                 compiled(pixel_values=pixel_values).logits,
                 model(pixel_values=pixel_values).logits,
                 rtol=1e-4,
                 atol=1e-4,
             )
-    assert counter.frame_count == 1, f"{counter.frame_count} graphs compiled for two input sizes"
+            compiled_after.append(counter.frame_count)
+    assert compiled_after[0] >= 1 and compiled_after[1] == compiled_after[0], compiled_after
 
 
 def test_compiled_training_step_is_one_graph_with_eager_loss_gradients_and_statistics():
     # A batch with a sample without labels exercises the masked BatchNorm statistics (`normalize`), whose
-    # eager form syncs with the host; fullgraph=True fails on any graph break.
+    # eager form syncs with the host. The only break allowed is the loss, kept out of the graph on purpose.
     pixel_values = torch.randn(3, 3, 64, 64)
     labels = torch.randint(0, 5, (3, 64, 64))
     labels[1] = 255
@@ -71,7 +76,9 @@ def test_compiled_training_step_is_one_graph_with_eager_loss_gradients_and_stati
     for compile_model in (False, True):
         model = _tiny_model(classifier_dropout_prob=0.0, drop_path_rate=0.0).train()
         torch._dynamo.reset()
-        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_model else model
+        counters["graph_break"].clear()
+        counter = CompileCounterWithBackend("aot_eager")
+        forward = torch.compile(model, backend=counter) if compile_model else model
         loss = forward(pixel_values=pixel_values, labels=labels).loss
         loss.backward()
         norm = model.decode_head.batch_norm
@@ -82,6 +89,10 @@ def test_compiled_training_step_is_one_graph_with_eager_loss_gradients_and_stati
                 (norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()),
             )
         )
+    assert counter.frame_count == 1
+    assert all("upsampled_cross_entropy" in reason for reason in counters["graph_break"]), counters[
+        "graph_break"
+    ]
     (eager_loss, eager_grads, eager_stats), (compiled_loss, compiled_grads, compiled_stats) = results
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, gradient in eager_grads.items():
