@@ -43,7 +43,9 @@ OUTPUT_NAME = "logits"
 TRACE_SIZE = (2, 128, 128)
 VERIFY_BATCH = 2
 VERIFY_SIZES = ((96, 160), (131, 97))
-INSTALL_HINT = 'pip install onnx onnxruntime onnxscript (or pip install ".[onnx]" from a checkout of segformer_hf)'
+INSTALL_HINT = (
+    'pip install onnx onnxruntime onnxscript (or pip install ".[onnx]" from a checkout of segformer_hf)'
+)
 
 
 class OnnxVerificationError(RuntimeError):
