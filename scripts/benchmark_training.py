@@ -37,9 +37,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segformer_hf import to_transformers
 from segformer_hf.arguments import TrainingConfig, parse_args
-from segformer_hf.evaluation import evaluate_model
 from segformer_hf.files import write_json_atomic
-from segformer_hf.training import Run, build_model, optimization_step, set_up, training_batches
+from segformer_hf.training import (
+    Run,
+    build_model,
+    optimization_step,
+    set_up,
+    training_batches,
+    validation_metrics,
+)
 
 MODELS = ("ours", "transformers")
 COLOURS = {"ours": (31, 119, 180), "transformers": (255, 127, 14)}
@@ -150,16 +156,7 @@ def evaluation_due(run: Run, last: dict[str, Any], seconds: float, args: argpars
 def evaluate_point(run: Run, clock: TrainingClock) -> dict[str, Any]:
     """Validation mean IoU now, with the clock stopped; one point of the curve."""
     clock.pause()
-    config = run.config
-    metrics = evaluate_model(
-        run.model,
-        run.eval_loader,
-        len(run.id2label),
-        config.ignore_index,
-        config.inference_protocol(),
-        accelerator=run.accelerator,
-        metric_backend=config.metric_backend,
-    )
+    metrics = validation_metrics(run)
     clock.resume()
     return {
         "step": run.state.global_step,

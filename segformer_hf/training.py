@@ -564,18 +564,23 @@ def append_log(run: Run, record: dict[str, Any]) -> None:
             log_file.write(json.dumps(nan_to_none(record)) + "\n")
 
 
-def evaluate(run: Run) -> dict[str, Any]:
-    """Validation mean IoU now: logged, tracked, and the best model so far kept in `best/`."""
-    config, state, accelerator = run.config, run.state, run.accelerator
-    metrics = evaluate_model(
+def validation_metrics(run: Run) -> dict[str, Any]:
+    """Mean IoU of the current weights on the validation split, with the run's inference protocol."""
+    return evaluate_model(
         run.model,
         run.eval_loader,
         len(run.id2label),
-        config.ignore_index,
-        config.inference_protocol(),
-        accelerator=accelerator,
-        metric_backend=config.metric_backend,
+        run.config.ignore_index,
+        run.config.inference_protocol(),
+        accelerator=run.accelerator,
+        metric_backend=run.config.metric_backend,
     )
+
+
+def evaluate(run: Run) -> dict[str, Any]:
+    """Validation mean IoU now: logged, tracked, and the best model so far kept in `best/`."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    metrics = validation_metrics(run)
     append_log(run, {"step": state.global_step, **{f"eval_{k}": v for k, v in metrics.items()}})
     scalars = {f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
     per_class = {f"eval/iou_{run.id2label[i]}": v for i, v in enumerate(metrics["per_category_iou"])}
