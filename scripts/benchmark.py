@@ -161,13 +161,14 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.M
 
 
 def use_ieee_float32() -> None:
-    """TF32 off for matmuls and convolutions: float32 must mean float32 on every GPU generation."""
-    torch.set_float32_matmul_precision("highest")
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cudnn.allow_tf32 = False
+    """TF32 off for matmuls and convolutions: float32 must mean float32 on every GPU generation.
+
+    Through the legacy flags on purpose: once cuDNN's newer per-operator ``fp32_precision`` is set, torch
+    2.13 refuses to read ``torch.backends.cudnn.allow_tf32`` in the same process, and ``torch.export`` (the
+    ONNX column) reads it.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 # Agreement -------------------------------------------------------------------------------------------------

@@ -23,6 +23,24 @@ def benchmark_script():
     return module
 
 
+@pytest.fixture(autouse=True)
+def restore_float32_flags():
+    """The script sets process-wide TF32 flags; later test modules must see the defaults again."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_ieee_float32_leaves_the_flags_torch_export_reads_readable(benchmark_script):
+    # torch.export reads torch.backends.cudnn.allow_tf32; torch 2.13 raises on that read once cuDNN's
+    # per-operator fp32_precision API has been used, which broke every later ONNX export in the process.
+    benchmark_script.use_ieee_float32()
+    assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    exported = torch.export.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
+    assert exported.graph_module is not None
+
+
 @pytest.fixture()
 def models(benchmark_script):
     return benchmark_script.build_models("b0", num_labels=19, seed=0)
