@@ -248,8 +248,16 @@ class OptimizationArguments:
     max_grad_norm: float | None = _help("clip the gradient norm to this; null: no clipping", default=None)
     mixed_precision: str = _help("no, fp16 or bf16", default="no")
     torch_compile: bool = _help(
-        "compile the model with torch.compile (inductor) before training; saved weights keep their names",
+        "compile the model with torch.compile before training; saved weights keep their names",
         default=False,
+    )
+    torch_compile_backend: str = _help(
+        "torch.compile backend when torch_compile is on (inductor; aot_eager to debug a graph quickly)",
+        default="inductor",
+    )
+    torch_compile_mode: str | None = _help(
+        "torch.compile mode when torch_compile is on (default, reduce-overhead, max-autotune); null: default",
+        default=None,
     )
     seed: int = _help("seed of the model initialisation, the data order and the augmentation", default=42)
     nan_policy: str = _help(

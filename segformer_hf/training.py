@@ -155,7 +155,7 @@ def set_up(
     if config.torch_compile:
         # In place (nn.Module.compile), not a wrapper: parameter names, and so checkpoints and saved
         # models, stay without an `_orig_mod.` prefix.
-        model.compile()
+        model.compile(backend=config.torch_compile_backend, mode=config.torch_compile_mode)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
