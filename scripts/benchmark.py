@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile's dynamic: true marks sizes dynamic from the start; auto recompiles once",
     )
     parser.add_argument(
+        "--compile_mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile's mode for both models (reduce-overhead: CUDA graphs on a GPU)",
+    )
+    parser.add_argument(
         "--new_size_offset", type=int, default=32, help="--compile: the NEW size is size + this"
     )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
@@ -399,7 +405,7 @@ def benchmark_compiled(
             # Inductor (torch 2.13, CPU) fails on the backward of either SegFormer once sizes are symbolic
             # ("cannot determine truth value of Relational"), from the start or after automatic dynamic's
             # second size; training crops have one size, so the training step is compiled static.
-            compiled = torch.compile(model, dynamic=False if training else dynamic)
+            compiled = torch.compile(model, dynamic=False if training else dynamic, mode=args.compile_mode)
             for kind, network in (("eager", model), ("compiled", compiled)):
                 steps[f"{model_name} {kind}"] = (
                     training_step(network, *inputs[0], contextlib.nullcontext)
