@@ -20,6 +20,19 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The longest tests (about 20-140 s each on a 2-core machine; pytest's --durations lists them). They are
+# collected first, so that pytest-xdist hands them out at the start and the two workers finish together
+# instead of one waiting on a long test collected last.
+LONG_TESTS = (
+    "test_speed.py::test_compiled_inference_equals_eager_at_two_sizes_without_recompiling",
+    "test_training.py::test_a_handful_of_images_is_overfitted",
+    "test_training.py::test_resume_after_stop_reproduces_the_uninterrupted_losses",
+    "test_speed.py::test_torch_compile_training_saves_weights_without_the_compile_prefix",
+    "test_training.py::test_resume_mid_epoch_reproduces_the_uninterrupted_losses",
+    "test_evaluation.py::test_two_process_evaluation_equals_one_process",
+    "test_training.py::test_kill_9_leaves_the_last_checkpoint_intact_and_resume_latest_continues",
+    "test_packaging.py::test_installed_wheel_trains_the_demo_recipe_from_an_empty_directory",
+)
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEMO_DATA = REPO_ROOT / "segformer_hf" / "recipes" / "camvid-demo"
 
@@ -34,3 +47,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA} (CI places ../shared beside the checkout)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest tests first (see LONG_TESTS); every other test keeps its place."""
+    rank = {name: index for index, name in enumerate(LONG_TESTS)}
+
+    def position(item: pytest.Item) -> int:
+        return rank.get(f"{item.path.name}::{item.name}", len(rank))
+
+    items.sort(key=position)  # stable: the rest stay in collection order

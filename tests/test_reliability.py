@@ -207,6 +207,18 @@ def _live_processes_in_group(pgid: int) -> list[tuple[int, str]]:
     return found
 
 
+def _wait_for_group_size(
+    pgid: int, size: int, process: subprocess.Popen, timeout: float = 60
+) -> list[tuple[int, str]]:
+    """The live members of group `pgid` once there are `size` of them (or what is there at the deadline)."""
+    deadline = time.time() + timeout
+    members = _live_processes_in_group(pgid)
+    while len(members) < size and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        members = _live_processes_in_group(pgid)
+    return members
+
+
 def test_sigterm_to_the_launchers_process_group_saves_a_checkpoint_and_leaves_no_process(tmp_path, caplog):
     """What `timeout`, Slurm and Ctrl-C do: signal every process of the group, DataLoader workers included.
 
@@ -224,7 +236,9 @@ def test_sigterm_to_the_launchers_process_group_saves_a_checkpoint_and_leaves_no
     group = os.getpgid(launcher.pid)
     try:
         _wait_for_step(output_dir, 2, launcher)
-        members = _live_processes_in_group(group)
+        # Each epoch (4 steps here) starts new workers: wait for a moment when they are alive, since a busy
+        # machine can delay this check into the gap between two epochs.
+        members = _wait_for_group_size(group, 4, launcher)
         assert len(members) >= 4, f"expected launcher, trainer and 2 DataLoader workers, found {members}"
         os.killpg(group, signal.SIGTERM)
         # The trainer and its workers hold the launcher's pipes: they are closed when the last one exits.
