@@ -51,7 +51,7 @@ def test_compiled_inference_equals_eager_at_two_sizes_without_recompiling():
     counter = CompileCounterWithBackend("inductor")
     # Sizes dynamic from the start: a new image size reuses the graph (batch 1, as benchmark.py --compile).
     # Both sizes stay on one side of the size threshold PyTorch's convolution tracing guards on (with these
-    # widths it lies between 256 and 288 pixels: crossing it compiles once more, then stays dynamic).
+    # widths it lies between 256 and 288 pixels: crossing it compiles the graph once more).
     compiled = torch.compile(model, backend=counter, dynamic=True)
     compiled_after = []
     with torch.inference_mode():
