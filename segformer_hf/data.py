@@ -945,6 +945,9 @@ class SegmentationTrainTransform(_SampleDecoding):
     size (zero image, all-ignored label) flagged `skipped`, so batch sizes stay equal on all processes.
     """
 
+    # What `transform_sample` gives each sample, besides the skipped flag and sample_id.
+    columns: tuple[str, ...] = ("pixel_values", "labels")
+
     def __init__(
         self,
         *,
@@ -990,11 +993,11 @@ class SegmentationTrainTransform(_SampleDecoding):
         return np.random.default_rng([self.seed, self.epoch, int(sample_index)])
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        output: dict[str, list] = {"pixel_values": [], "labels": [], "skipped": [], "sample_id": []}
+        output: dict[str, list] = {key: [] for key in (*self.columns, "skipped", "sample_id")}
         for image, label, sample_id, sample_index in _rows(batch):
             try:
                 image_array, label_array = self.decode(image, label, sample_id, sample_index)
-                pixel_values, labels = self.augment(image_array, label_array, self.rng(sample_index))
+                sample = self.transform_sample(image_array, label_array, self.rng(sample_index))
                 skipped = False
             except BadSampleError as error:
                 if not self.skip_bad_samples:
@@ -1002,13 +1005,24 @@ class SegmentationTrainTransform(_SampleDecoding):
                 logger.warning(
                     "Skipping a bad training sample (an all-ignored placeholder takes its place): %s", error
                 )
-                pixel_values, labels = self.placeholder()
-                skipped = True
-            output["pixel_values"].append(pixel_values)
-            output["labels"].append(labels)
+                sample, skipped = self.placeholder_sample(), True
+            for key in self.columns:
+                output[key].append(sample[key])
             output["skipped"].append(skipped)
             output["sample_id"].append(sample_id)
         return output
+
+    def transform_sample(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, Any]:
+        """One decoded sample's columns: here its augmented pixel_values and labels."""
+        pixel_values, labels = self.augment(image, label, rng)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    def placeholder_sample(self) -> dict[str, Any]:
+        """The columns of a bad sample's stand-in (see `placeholder`)."""
+        pixel_values, labels = self.placeholder()
+        return {"pixel_values": pixel_values, "labels": labels}
 
     def draw(self, label: np.ndarray, rng: np.random.Generator) -> tuple[AugmentationDraws, np.ndarray]:
         """All of a sample's random draws, in their one fixed order, and its label resized and cropped.
@@ -1075,30 +1089,30 @@ class SegmentationDecodeTransform(SegmentationTrainTransform):
     `SegmentationTrainTransform`, so both paths augment a sample alike.
     """
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        output: dict[str, list] = {"image": [], "labels": [], "draws": [], "skipped": [], "sample_id": []}
-        for image, label, sample_id, sample_index in _rows(batch):
-            try:
-                image_array, label_array = self.decode(image, label, sample_id, sample_index)
-                draws, label_array = self.draw(label_array, self.rng(sample_index))
-                skipped = False
-            except BadSampleError as error:
-                if not self.skip_bad_samples:
-                    raise
-                logger.warning(
-                    "Skipping a bad training sample (an all-ignored placeholder takes its place): %s", error
-                )
-                # A 1x1 black image cropped at the origin; the device side zeroes it and ignores its label.
-                image_array, label_array = np.zeros((1, 1, 3), np.uint8), np.zeros((0, 0), np.int64)
-                draws, skipped = AugmentationDraws((1, 1), (0, 0), False, None), True
-            labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
-            labels[: label_array.shape[0], : label_array.shape[1]] = label_array
-            output["image"].append(torch.from_numpy(np.require(image_array, requirements=["C", "W"])))
-            output["labels"].append(torch.from_numpy(labels))
-            output["draws"].append(draws_as_tensors(draws))
-            output["skipped"].append(skipped)
-            output["sample_id"].append(sample_id)
-        return output
+    columns = ("image", "labels", "draws")
+
+    def transform_sample(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, Any]:
+        draws, label = self.draw(label, rng)
+        return self._decoded_columns(image, label, draws)
+
+    def placeholder_sample(self) -> dict[str, Any]:
+        # A 1x1 black image cropped at the origin; the device side zeroes it and ignores its label.
+        no_draws = AugmentationDraws((1, 1), (0, 0), False, None)
+        return self._decoded_columns(np.zeros((1, 1, 3), np.uint8), np.zeros((0, 0), np.int64), no_draws)
+
+    def _decoded_columns(
+        self, image: np.ndarray, label: np.ndarray, draws: AugmentationDraws
+    ) -> dict[str, Any]:
+        """The full-size image, the label window padded to crop_size, and the draws as tensors."""
+        labels = np.full(self.crop_size, self.ignore_index, dtype=np.int64)
+        labels[: label.shape[0], : label.shape[1]] = label
+        return {
+            "image": torch.from_numpy(np.require(image, requirements=["C", "W"])),
+            "labels": torch.from_numpy(labels),
+            "draws": draws_as_tensors(draws),
+        }
 
 
 def draws_as_tensors(draws: AugmentationDraws) -> dict[str, torch.Tensor]:
