@@ -108,6 +108,11 @@ class ModelArguments:
         "cross-entropy weight per class ([w0, w1, ...]), or auto: from the training labels' class frequencies",
         default=None,
     )
+    class_weights_power: float = _help(
+        "with class_weights auto: the frequency weights raised to this power; 1 is ENet's weighting, 0.5 damps it "
+        "(rare classes still weighted up, with fewer false positives than at 1)",
+        default=1.0,
+    )
     use_ohem: bool = _help("online hard example mining (mmseg's OHEMPixelSampler) in the loss", default=False)
     ohem_thresh: float | None = _help(
         "with use_ohem: pixels whose true-class probability is below this are hard (e.g. 0.7); null: the "
@@ -412,6 +417,10 @@ def _value_problems(config: TrainingConfig) -> list[str]:
         (
             math.isfinite(config.learning_rate) and config.learning_rate > 0,
             f"learning_rate must be a finite number > 0, got {config.learning_rate}",
+        ),
+        (
+            math.isfinite(config.class_weights_power) and config.class_weights_power >= 0,
+            f"class_weights_power must be a finite number >= 0, got {config.class_weights_power}",
         ),
         (config.warmup_steps >= 0, f"warmup_steps must be >= 0, got {config.warmup_steps}"),
         (0 <= config.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}"),

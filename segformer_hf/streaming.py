@@ -43,6 +43,7 @@ from .data import (
     _standard_columns,
     detect_data_format,
     ignore_termination_signals,
+    signal_safe_fork_context,
     train_collate_fn,
 )
 
@@ -305,11 +306,10 @@ def _transform_pool(num_workers: int) -> ProcessPoolExecutor | None:
     """Worker processes for the transform; a worker that dies fails the run (BrokenProcessPool), never hangs it."""
     if num_workers <= 0:
         return None
-    import torch.multiprocessing as multiprocessing
+    import torch.multiprocessing  # noqa: F401 (registers the reductions that hand tensors back through shared memory)
 
-    # torch's multiprocessing hands tensors back through shared memory, as DataLoader workers do.
     return ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_transform_worker
+        num_workers, mp_context=signal_safe_fork_context(), initializer=_start_transform_worker
     )
 
 

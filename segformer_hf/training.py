@@ -104,8 +104,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     """Runs training end to end; returns the final results (also written to all_results.json)."""
     with claim_output_dir(config):
         run = set_up(config)
-        with InterruptFlag() as interrupt:
-            for batch in training_batches(run):
+        # `closing`: whatever ends the loop (a break, an exception), the epoch's DataLoader workers are shut
+        # down here, not left for the interpreter's exit.
+        with InterruptFlag() as interrupt, contextlib.closing(training_batches(run)) as batches:
+            for batch in batches:
                 if optimization_step(run, batch):
                     end_of_step(run, interrupt)
                 if run.finished or run.interrupted_by:

@@ -22,7 +22,12 @@ from segformer_hf.arguments import (
     parse_args,
     recipe_names,
 )
-from segformer_hf.data import class_frequencies, frequency_class_weights, load_training_data
+from segformer_hf.data import (
+    class_frequencies,
+    class_weights_for,
+    frequency_class_weights,
+    load_training_data,
+)
 from segformer_hf.training import build_model
 
 
@@ -161,6 +166,21 @@ def test_auto_class_weights_follow_enet_from_the_label_frequencies():
     weights = frequency_class_weights(frequencies)
     np.testing.assert_allclose(weights, 1 / np.log(1.02 + counts / counts.sum()))
     assert weights[int(np.argmin(frequencies))] == max(weights)
+
+
+def test_class_weights_power_damps_the_auto_weights_that_reach_the_loss():
+    """`class_weights_power` raises ENet's weights to a power: 0.5 gives their square roots, in the model."""
+    config = load_config(
+        "demo", {"max_train_samples": 6, "class_weights": "auto", "class_weights_power": 0.5}
+    )
+    train, _, id2label = load_training_data(config)
+    enet = 1 / np.log(1.02 + class_frequencies(train, len(id2label), ignore_index=config.ignore_index))
+    model = build_model(config, id2label, class_weights_for(config, train, len(id2label)))
+    np.testing.assert_allclose(model.config.class_weights, np.sqrt(enet), rtol=1e-6)
+    assert frequency_class_weights(np.array([0.5, 0.25]), power=0.0) == [1.0, 1.0]
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="class_weights_power must be a finite number >= 0"):
+            load_config("demo", {"class_weights_power": bad})
 
 
 def test_model_variant_and_init_from_must_agree(tmp_path):

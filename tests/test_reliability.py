@@ -260,6 +260,92 @@ def test_sigterm_to_the_launchers_process_group_saves_a_checkpoint_and_leaves_no
     assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 12
 
 
+# A small loader over plain integers: what the data pipeline's workers do with signals, without a model.
+_LOADER_SETUP = """
+import signal, sys
+import datasets
+from segformer_hf.data import build_train_dataloader
+dataset = datasets.Dataset.from_dict({"value": list(range(8))})
+loader = build_train_dataloader(
+    dataset, lambda batch: batch, batch_size=2, num_workers=2, seed=0,
+    collate_fn=lambda rows: [row["value"] for row in rows],
+)
+"""
+
+
+def test_workers_started_while_the_group_is_being_signalled_survive():
+    """A SIGTERM that reaches a new worker before its `worker_init_fn` ran must not kill it.
+
+    Each epoch forks new workers; here the whole process group receives a SIGTERM every millisecond while
+    40 epochs run. Before, PyTorch's worker handler (installed before `worker_init_fn`) let such a signal
+    kill the worker ("DataLoader worker ... is killed by signal: Terminated"), which is how a SIGTERM to a
+    training's process group could crash it instead of saving a checkpoint.
+    """
+    script = (
+        _LOADER_SETUP
+        + """
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+print("ready", flush=True)
+for epoch in range(40):
+    assert sorted(value for batch in loader for value in batch) == list(range(8))
+# Python's finalisation puts the default handler back: ignore the storm from here on, for a clean exit.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(f"done, {len(received)} signals received", flush=True)
+"""
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    group = os.getpgid(process.pid)
+    try:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()[-3000:]
+        while process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM)
+            time.sleep(0.001)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    received = int(re.search(r"done, (\d+) signals received", stdout).group(1))
+    assert received > 40, f"the storm did not reach the main process: {received} signals"
+
+
+def test_an_unclosed_loader_does_not_hang_the_interpreters_exit():
+    """At exit Python's multiprocessing sends every daemonic child a SIGTERM, then waits for it.
+
+    A worker that ignored every SIGTERM (as workers did, to survive a group's signal) then hung its parent's
+    exit for ever whenever a loader was left unclosed, e.g. by an exception escaping the training loop.
+    Workers now tell their parent's SIGTERM from anyone else's.
+    """
+    script = (
+        _LOADER_SETUP
+        + """
+unclosed = iter(loader)
+next(unclosed)
+print("exiting", flush=True)
+"""
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    group = os.getpgid(process.pid)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter's exit hung waiting for DataLoader workers that ignored its SIGTERM")
+    finally:
+        left = _live_processes_in_group(group)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    assert process.returncode == 0 and "exiting" in stdout, stderr[-3000:]
+    assert not left, f"processes left running: {left}"
+
+
 # 3. No training batch -------------------------------------------------------------------------------------
 
 
