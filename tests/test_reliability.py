@@ -273,6 +273,14 @@ loader = build_train_dataloader(
 """
 
 
+def _start_loader_script(script: str) -> subprocess.Popen:
+    """`script` (which starts with `_LOADER_SETUP`) in a new Python process leading its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
 def test_workers_started_while_the_group_is_being_signalled_survive():
     """A SIGTERM that reaches a new worker before its `worker_init_fn` ran must not kill it.
 
@@ -294,10 +302,7 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 print(f"done, {len(received)} signals received", flush=True)
 """
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    process = _start_loader_script(script)
     group = os.getpgid(process.pid)
     try:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()[-3000:]
@@ -329,10 +334,7 @@ next(unclosed)
 print("exiting", flush=True)
 """
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    process = _start_loader_script(script)
     group = os.getpgid(process.pid)
     try:
         stdout, stderr = process.communicate(timeout=60)
