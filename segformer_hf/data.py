@@ -1276,8 +1276,7 @@ def build_train_dataloader(
         drop_last=True,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        worker_init_fn=ignore_termination_signals,
-        multiprocessing_context=worker_process_context() if num_workers > 0 else None,
+        **worker_process_options(num_workers),
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -1304,8 +1303,7 @@ def build_eval_dataloader(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=eval_collate_fn,
-        worker_init_fn=ignore_termination_signals,
-        multiprocessing_context=worker_process_context() if num_workers > 0 else None,
+        **worker_process_options(num_workers),
     )
 
 
@@ -1337,24 +1335,24 @@ class _SignalSafeForkProcess(multiprocessing.context.ForkProcess):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-class _SignalSafeForkContext(multiprocessing.context.ForkContext):
+class SignalSafeForkContext(multiprocessing.context.ForkContext):
+    """The fork context whose processes start with SIGINT/SIGTERM blocked (see `_SignalSafeForkProcess`)."""
+
     Process = _SignalSafeForkProcess
 
 
-def worker_process_context() -> multiprocessing.context.BaseContext | None:
-    """The `multiprocessing_context` for DataLoader (and transform pool) workers.
+def worker_process_options(num_workers: int) -> dict[str, Any]:
+    """The DataLoader arguments that give its workers the signal contract above.
 
-    Where workers are forked (the default on Linux up to Python 3.13) they start with the termination signals
-    blocked; elsewhere (spawn, forkserver) the platform's default context, where the window before
-    `worker_init_fn` remains.
+    `ignore_termination_signals` as `worker_init_fn`; where workers are forked (the default on Linux up to
+    Python 3.13) a `SignalSafeForkContext`, so they start with the signals blocked; elsewhere (spawn,
+    forkserver) the platform's default context, where the window before `worker_init_fn` remains.
     """
+    options: dict[str, Any] = {"worker_init_fn": ignore_termination_signals}
     method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    return signal_safe_fork_context() if method == "fork" else None
-
-
-def signal_safe_fork_context() -> multiprocessing.context.BaseContext:
-    """The fork context whose processes start with SIGINT/SIGTERM blocked (see `_SignalSafeForkProcess`)."""
-    return _SignalSafeForkContext()
+    if num_workers > 0 and method == "fork":
+        options["multiprocessing_context"] = SignalSafeForkContext()
+    return options
 
 
 def ignore_termination_signals(worker_id: int) -> None:

@@ -39,11 +39,11 @@ from datasets.distributed import split_dataset_by_node
 
 from .data import (
     SegmentationTrainTransform,
+    SignalSafeForkContext,
     _find_split,
     _standard_columns,
     detect_data_format,
     ignore_termination_signals,
-    signal_safe_fork_context,
     train_collate_fn,
 )
 
@@ -309,7 +309,7 @@ def _transform_pool(num_workers: int) -> ProcessPoolExecutor | None:
     import torch.multiprocessing  # noqa: F401 (registers the reductions that hand tensors back through shared memory)
 
     return ProcessPoolExecutor(
-        num_workers, mp_context=signal_safe_fork_context(), initializer=_start_transform_worker
+        num_workers, mp_context=SignalSafeForkContext(), initializer=_start_transform_worker
     )
 
 
