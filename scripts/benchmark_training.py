@@ -81,9 +81,10 @@ def transformers_twin(
     config: TrainingConfig, id2label: dict[int, str], class_weights: list[float] | None = None
 ) -> torch.nn.Module:
     """transformers' Segformer holding exactly the weights our model starts from with this seed."""
-    if class_weights is not None or config.use_ohem:
+    if class_weights is not None or config.use_ohem or config.dice_weight:
         raise SystemExit(
-            "transformers' Segformer has no class weights or OHEM: compare with --class_weights null --use_ohem false"
+            "transformers' Segformer has no class weights, OHEM or Dice loss: compare with --class_weights null "
+            "--use_ohem false --dice_weight 0"
         )
     return to_transformers(build_model(config, id2label))
 

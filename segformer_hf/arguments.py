@@ -120,6 +120,11 @@ class ModelArguments:
         default=None,
     )
     ohem_min_kept: int = _help("with use_ohem: hard pixels kept at least, per image", default=100000)
+    dice_weight: float = _help(
+        "weight of a soft Dice loss added to the cross-entropy (nnU-Net's CE + Dice; each class counts the "
+        "same whatever its pixel share); 0: off",
+        default=0.0,
+    )
 
 
 @dataclass
@@ -421,6 +426,10 @@ def _value_problems(config: TrainingConfig) -> list[str]:
         (
             math.isfinite(config.class_weights_power) and config.class_weights_power >= 0,
             f"class_weights_power must be a finite number >= 0, got {config.class_weights_power}",
+        ),
+        (
+            math.isfinite(config.dice_weight) and config.dice_weight >= 0,
+            f"dice_weight must be a finite number >= 0, got {config.dice_weight}",
         ),
         (config.warmup_steps >= 0, f"warmup_steps must be >= 0, got {config.warmup_steps}"),
         (0 <= config.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}"),

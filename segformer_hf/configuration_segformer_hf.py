@@ -6,6 +6,7 @@ This file is self-contained on purpose: `save_pretrained` copies it next to the 
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
@@ -75,6 +76,11 @@ class SegformerHFConfig(PretrainedConfig):
             valid pixels with the largest loss are kept.
         ohem_min_kept: with use_ohem, the number of hard pixels kept at least, per image (mmseg's
             `min_kept`, 100000 by default). Images count only if they have a labelled pixel.
+        dice_weight: weight of a soft Dice term added to the (cross-)entropy, as nnU-Net's CE + Dice: 1 - the
+            mean over classes of the batch's soft Dice (2|P*Y| + 1) / (|P| + |Y| + 1), with P the softmax (or,
+            with one label, sigmoid) probabilities over valid pixels. Every class counts the same whatever its
+            pixel share, and false positives cost, so thin and rare classes get a say that pixel-averaged
+            cross-entropy does not give them. 0 (the default) leaves it out.
         variant: the MiT variant name this config was built from, if any (for model cards).
         palette: one [R, G, B] colour (0..255) per class, the data set's own, or None; masks and legends
             are drawn with it, so a class looks the same wherever the model is used.
@@ -104,6 +110,7 @@ class SegformerHFConfig(PretrainedConfig):
     use_ohem: bool = False
     ohem_thresh: float | None = None
     ohem_min_kept: int = 100000
+    dice_weight: float = 0.0
     variant: str | None = None
     palette: list[list[int]] | None = None
 
@@ -137,6 +144,9 @@ class SegformerHFConfig(PretrainedConfig):
 
     def _check_loss_options(self) -> None:
         """Rejects loss options that would silently do nothing or something else than asked."""
+        self.dice_weight = float(self.dice_weight)
+        if not math.isfinite(self.dice_weight) or self.dice_weight < 0:
+            raise ValueError(f"dice_weight must be a finite number >= 0, got {self.dice_weight}")
         if self.class_weights is not None:
             self.class_weights = [float(weight) for weight in self.class_weights]
             if len(self.class_weights) != self.num_labels or self.num_labels == 1:

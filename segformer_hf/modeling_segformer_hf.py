@@ -558,7 +558,8 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
     cross-entropy ignoring `semantic_loss_ignore_index` (optionally class-weighted and/or over hard
     pixels only, see the config's `class_weights` and `use_ohem`), or, when `num_labels == 1`, binary
     cross-entropy averaged over the valid (non-ignored, non-negative) pixels only (transformers divides
-    the same sum by every pixel, ignored ones included).
+    the same sum by every pixel, ignored ones included); plus, with the config's `dice_weight`, that
+    times a soft Dice loss (`soft_dice_loss`).
     """
 
     def __init__(self, config: SegformerHFConfig):
@@ -595,31 +596,67 @@ class SegformerHFForSemanticSegmentation(SegformerHFPreTrainedModel):
         """Loss of 1/4-resolution `logits` (B, K, h, w) against full-resolution `labels` (B, H, W).
 
         Cross-entropy (class-weighted and/or restricted to hard pixels when the config asks, see
-        `SegformerHFConfig`), or binary cross-entropy for a single-label model.
+        `SegformerHFConfig`), or binary cross-entropy for a single-label model; plus `dice_weight` times
+        the soft Dice loss when asked.
         """
         ignore_index = self.config.semantic_loss_ignore_index
         if logits.dtype in (torch.float16, torch.bfloat16):
             # A softmax over a hundred classes loses too much in 8 mantissa bits (autocast upcasts it too).
             logits = logits.float()
-        if self.config.num_labels > 1 and (self.config.class_weights is not None or self.config.use_ohem):
-            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            return weighted_hard_pixel_cross_entropy(
+        config = self.config
+        if (
+            config.num_labels > 1
+            and config.class_weights is None
+            and not config.use_ohem
+            and not config.dice_weight
+        ):
+            return upsampled_cross_entropy(logits, labels, ignore_index)
+        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        if config.num_labels > 1:
+            loss = weighted_hard_pixel_cross_entropy(
                 upsampled,
                 labels,
                 ignore_index,
-                class_weights=self.config.class_weights,
-                ohem_thresh=self.config.ohem_thresh if self.config.use_ohem else None,
-                ohem_min_kept=self.config.ohem_min_kept if self.config.use_ohem else None,
+                class_weights=config.class_weights,
+                ohem_thresh=config.ohem_thresh if config.use_ohem else None,
+                ohem_min_kept=config.ohem_min_kept if config.use_ohem else None,
             )
-        if self.config.num_labels > 1:
-            return upsampled_cross_entropy(logits, labels, ignore_index)
-        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        valid = (labels >= 0) & (labels != ignore_index)
-        per_pixel = F.binary_cross_entropy_with_logits(
-            upsampled.squeeze(1), labels.to(upsampled.dtype), reduction="none"
-        )
-        # Average over valid pixels only; an all-ignored batch contributes a zero (but differentiable) loss.
-        return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+        else:
+            valid = (labels >= 0) & (labels != ignore_index)
+            per_pixel = F.binary_cross_entropy_with_logits(
+                upsampled.squeeze(1), labels.to(upsampled.dtype), reduction="none"
+            )
+            # Average over valid pixels only; an all-ignored batch contributes a zero (but differentiable) loss.
+            loss = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+        if config.dice_weight:
+            loss = loss + config.dice_weight * soft_dice_loss(upsampled, labels, ignore_index)
+        return loss
+
+
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """1 - the mean over classes of the soft Dice of `logits` (B, K, H, W) against `labels` (B, H, W).
+
+    Per class c, over the valid pixels of the whole batch (nnU-Net's "batch Dice"): (2 sum p_c y_c + 1) /
+    (sum p_c + sum y_c + 1), p the softmax probabilities (with K == 1, the sigmoid one of the foreground,
+    label 1) and y the one-hot labels. The 1 keeps a class that is neither present nor predicted at a Dice
+    of 1 and the ratio defined on an empty batch. Each class weighs the same in the mean, however few its
+    pixels: what cross-entropy's mean over pixels cannot do for thin classes.
+    """
+    labels = labels.long()
+    valid = (labels >= 0) & (labels != ignore_index)
+    if logits.shape[1] == 1:
+        probabilities = torch.sigmoid(logits)
+        truth = ((labels == 1) & valid)[:, None]
+    else:
+        probabilities = logits.softmax(dim=1)
+        # Ignored pixels look up class 0 (any valid index) and are then zeroed by `valid`.
+        truth = F.one_hot(labels.masked_fill(~valid, 0), logits.shape[1]).permute(0, 3, 1, 2) & valid[:, None]
+    probabilities = probabilities * valid[:, None]
+    truth = truth.to(probabilities.dtype)
+    dims = (0, 2, 3)
+    intersection = (probabilities * truth).sum(dims)
+    dice = (2 * intersection + 1) / (probabilities.sum(dims) + truth.sum(dims) + 1)
+    return 1 - dice.mean()
 
 
 def weighted_hard_pixel_cross_entropy(

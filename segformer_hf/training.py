@@ -265,6 +265,7 @@ def build_model(
         "use_ohem": config.use_ohem,
         "ohem_thresh": config.ohem_thresh,
         "ohem_min_kept": config.ohem_min_kept,
+        "dice_weight": config.dice_weight,
         # The data set's class colours, so that masks drawn from the saved model use them.
         "palette": seg_data.resolve_palette(
             len(id2label),

@@ -183,6 +183,15 @@ def test_class_weights_power_damps_the_auto_weights_that_reach_the_loss():
             load_config("demo", {"class_weights_power": bad})
 
 
+def test_dice_weight_reaches_the_model_and_bad_values_are_refused():
+    config = parse_args(["--dice_weight", "0.5"])
+    assert config.dice_weight == 0.5
+    assert build_model(config, {0: "background", 1: "thing"}).config.dice_weight == 0.5
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="dice_weight must be a finite number >= 0"):
+            load_config("demo", {"dice_weight": bad})
+
+
 def test_model_variant_and_init_from_must_agree(tmp_path):
     SegformerHFForSemanticSegmentation(SegformerHFConfig.from_variant("b1", num_labels=3)).save_pretrained(
         tmp_path

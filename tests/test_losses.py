@@ -1,8 +1,9 @@
-"""Losses: class-weighted cross-entropy, OHEM, binary segmentation, and samples without labelled pixels.
+"""Losses: class-weighted cross-entropy, OHEM, soft Dice, binary segmentation, samples without labelled pixels.
 
 References are PyTorch's own `F.cross_entropy(weight=...)`, transformers' SegformerForSemanticSegmentation
-(same weights, via `to_transformers`), hand-computed cases, and an OHEM written here from mmseg's
-`OHEMPixelSampler` definition (sort-based, softmax probabilities) sharing no code with the package.
+(same weights, via `to_transformers`), hand-computed cases, an OHEM written here from mmseg's
+`OHEMPixelSampler` definition (sort-based, softmax probabilities) and a soft Dice written here from its
+definition (a loop over classes and explicit sums), both sharing no code with the package.
 """
 
 import math
@@ -218,6 +219,82 @@ def test_ohem_options_are_checked():
         _tiny(num_labels=1, use_ohem=True)
 
 
+# Soft Dice (cross-entropy + Dice, as nnU-Net) ---------------------------------------------------------------
+
+
+def _reference_dice_loss(
+    probabilities: torch.Tensor, labels: torch.Tensor, classes: list[int]
+) -> torch.Tensor:
+    """1 - mean over `classes` of (2 sum p y + 1) / (sum p + sum y + 1), over the valid pixels of the batch."""
+    valid = (labels != IGNORE_INDEX).flatten()
+    scores = []
+    for channel, class_id in enumerate(classes):
+        p = probabilities[:, channel].flatten()[valid]
+        y = (labels.flatten()[valid] == class_id).to(p.dtype)
+        scores.append((2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1))
+    return 1 - sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("class_weights", [None, [0.5, 2.0, 1.0, 3.0]])
+def test_cross_entropy_plus_dice_loss_and_gradient_equal_the_definition(class_weights):
+    model = _model(num_labels=4, class_weights=class_weights, dice_weight=0.7)
+    logits = torch.randn(2, 4, 9, 13, generator=torch.Generator().manual_seed(30))
+    labels = _labels((2, 35, 51), 4, 0.2, seed=31)
+    labels[labels == 3] = 2  # class 3 absent from the labels: its predicted mass alone lowers its Dice
+    loss, gradient = _loss_and_logit_gradient(model, logits, labels)
+
+    reference_logits = logits.double().requires_grad_(True)
+    upsampled = _upsampled(reference_logits, labels.shape[-2:])
+    weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float64)
+    cross_entropy = F.cross_entropy(upsampled, labels, weight=weight, ignore_index=IGNORE_INDEX)
+    dice = _reference_dice_loss(upsampled.softmax(dim=1), labels, [0, 1, 2, 3])
+    expected = cross_entropy + 0.7 * dice
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gradient.double(), reference_logits.grad, rtol=1e-4, atol=1e-8)
+    assert float(dice.detach()) > 0.05  # the term is there to be checked
+
+
+def test_binary_dice_is_over_the_foreground_probability():
+    model = _model(num_labels=1, dice_weight=2.0)
+    logits = torch.randn(2, 1, 9, 13, generator=torch.Generator().manual_seed(32))
+    labels = _labels((2, 35, 51), 2, 0.2, seed=33)
+    loss, gradient = _loss_and_logit_gradient(model, logits, labels)
+
+    reference_logits = logits.double().requires_grad_(True)
+    upsampled = _upsampled(reference_logits, labels.shape[-2:])[:, 0]
+    valid = labels != IGNORE_INDEX
+    binary = F.binary_cross_entropy_with_logits(upsampled[valid], labels[valid].double())
+    expected = binary + 2.0 * _reference_dice_loss(torch.sigmoid(upsampled)[:, None], labels, [1])
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gradient.double(), reference_logits.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_dice_of_a_confident_right_prediction_is_near_zero_and_of_a_wrong_one_near_one():
+    model = _model(num_labels=3, dice_weight=1.0)
+    labels = torch.tensor([[[0, 1, 1, 255], [0, 0, 1, 255]]])  # class 2 neither present nor predicted
+    right = F.one_hot(labels.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 60.0
+    wrong = right.roll(1, dims=1)  # class 0's pixels predict class 1, class 1's predict class 2
+    ce_right = F.cross_entropy(right, labels, ignore_index=IGNORE_INDEX)
+    assert abs(float(model.segmentation_loss(right, labels) - ce_right)) < 1e-6
+    dice_wrong = float(model.segmentation_loss(wrong, labels)) - float(
+        F.cross_entropy(wrong, labels, ignore_index=IGNORE_INDEX)
+    )
+    # No overlap anywhere. Class 0: 3 true pixels, none predicted, 1/(0+3+1); class 1: 3 true, 3 predicted,
+    # 1/(3+3+1); class 2: absent, predicted on 3 pixels, 1/(3+0+1).
+    assert dice_wrong == pytest.approx(1 - (1 / 4 + 1 / 7 + 1 / 4) / 3, abs=1e-5)
+
+
+def test_dice_weight_is_checked_and_survives_save_and_load(tmp_path):
+    with pytest.raises(ValueError, match="dice_weight"):
+        _tiny(num_labels=3, dice_weight=-1.0)
+    with pytest.raises(ValueError, match="dice_weight"):
+        _tiny(num_labels=3, dice_weight=float("nan"))
+    _tiny(num_labels=3, dice_weight=0.5).save_pretrained(tmp_path)
+    assert SegformerHFConfig.from_pretrained(tmp_path).dice_weight == 0.5
+
+
 # Binary segmentation ---------------------------------------------------------------------------------------
 
 
@@ -326,9 +403,11 @@ def _gradients_and_statistics(model, pixel_values, labels):
         {"num_labels": 4},
         {"num_labels": 4, "class_weights": [1.0, 2.0, 0.5, 1.5]},
         {"num_labels": 4, "use_ohem": True, "ohem_thresh": 0.4, "ohem_min_kept": 30},
+        {"num_labels": 4, "dice_weight": 1.0},
         {"num_labels": 1},
+        {"num_labels": 1, "dice_weight": 1.0},
     ],
-    ids=["cross_entropy", "class_weights", "ohem", "binary"],
+    ids=["cross_entropy", "class_weights", "ohem", "dice", "binary", "binary_dice"],
 )
 def test_a_placeholder_sample_changes_neither_loss_nor_gradients_nor_batchnorm_statistics(loss_options):
     # The loss is a mean over valid pixels and the placeholder has none, so the batch with it must give the
