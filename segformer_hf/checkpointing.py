@@ -211,7 +211,11 @@ def restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, payload: 
 class InterruptFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries, so the run can save and exit.
 
-    A second signal restores the default handler behaviour (immediate stop).
+    A second SIGINT (Ctrl-C pressed again) stops at once, with the default behaviour. Any other repeat is
+    the same stop request again and keeps the flag: a launcher forwards to its trainer the signal the whole
+    group already got (accelerate >= 1.16's one-process launcher terminates its child tree on SIGTERM or
+    Ctrl-C; torchrun forwards), and orchestrators (Slurm, Kubernetes, `timeout -k`) follow a SIGTERM with a
+    SIGKILL, never with a second SIGTERM meaning "now".
     """
 
     def __init__(self) -> None:
@@ -228,11 +232,11 @@ class InterruptFlag:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:
+        if self.signal_name is not None and signum == signal.SIGINT:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     @property
     def raised(self) -> bool:

@@ -34,7 +34,13 @@ from test_training import SMALL_RUN, _wait_for_step
 
 from segformer_hf import conversion, evaluation, prediction
 from segformer_hf.arguments import load_config, parse_args
-from segformer_hf.checkpointing import STATE_FILE, UnreadableCheckpoint, file_sizes, list_checkpoints
+from segformer_hf.checkpointing import (
+    STATE_FILE,
+    InterruptFlag,
+    UnreadableCheckpoint,
+    file_sizes,
+    list_checkpoints,
+)
 from segformer_hf.data import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
@@ -222,9 +228,12 @@ def _wait_for_group_size(
 def test_sigterm_to_the_launchers_process_group_saves_a_checkpoint_and_leaves_no_process(tmp_path, caplog):
     """What `timeout`, Slurm and Ctrl-C do: signal every process of the group, DataLoader workers included.
 
-    `accelerate launch` (one process) has no handler: it dies at once (-SIGTERM) and the trainer, reparented,
-    finishes its step, saves a checkpoint and exits with 0; its workers ignore the signal. Before, the
-    workers died first and the trainer crashed without a checkpoint.
+    Before accelerate 1.16 its one-process launcher had no handler: it died at once (-SIGTERM) and the
+    trainer, reparented, finished its step, saved a checkpoint and exited with 0. From 1.16 the launcher
+    handles the signal: it sends the trainer and its workers a SIGTERM of its own, SIGKILLs what is left 5 s
+    later and exits with 128 + 15; the trainer must take that second SIGTERM as the same request (it once
+    took it for "stop now" and died without a checkpoint). Either way the workers ignore the signals (before,
+    they died first and the trainer crashed without a checkpoint).
     """
     output_dir = tmp_path / "run"
     args = [*RUN, "--dataloader_num_workers", "2", "--max_train_steps", "12", "--checkpointing_steps", "100",
@@ -249,7 +258,7 @@ def test_sigterm_to_the_launchers_process_group_saves_a_checkpoint_and_leaves_no
             if left:
                 os.killpg(group, signal.SIGKILL)
     assert not left, f"processes left running after SIGTERM: {left}"
-    assert launcher.returncode == -signal.SIGTERM, launcher.returncode
+    assert launcher.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), launcher.returncode
     assert "Interrupted by SIGTERM" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr[-3000:]
     [saved] = list_checkpoints(output_dir)
@@ -258,6 +267,24 @@ def test_sigterm_to_the_launchers_process_group_saves_a_checkpoint_and_leaves_no
     assert main([*args, "--dataloader_num_workers", "0", "--resume_from_checkpoint", "latest"]) == 0
     assert f"Resumed from {saved} at step {step}" in caplog.text
     assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 12
+
+
+def test_a_repeated_sigterm_is_the_same_stop_request_and_a_second_ctrl_c_stops_at_once():
+    """Launchers forward the group's signal (accelerate >= 1.16 sends the trainer its own SIGTERM after the
+    group's, or after a Ctrl-C): the trainer must keep saving. Only a person pressing Ctrl-C again means now."""
+    for first in (signal.SIGTERM, signal.SIGINT):
+        with InterruptFlag() as flag:
+            os.kill(os.getpid(), first)
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's own, on top of the group's
+            time.sleep(0.05)  # handlers run between bytecodes of the main thread
+            assert flag.raised and flag.signal_name == first.name
+    with pytest.raises(KeyboardInterrupt), InterruptFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert flag.signal_name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) != flag._handle  # handlers given back
 
 
 # A small loader over plain integers: what the data pipeline's workers do with signals, without a model.
