@@ -41,6 +41,7 @@ from segformer_hf.files import write_json_atomic
 from segformer_hf.training import (
     Run,
     build_model,
+    end_training,
     optimization_step,
     set_up,
     training_batches,
@@ -105,7 +106,7 @@ def train_for_budget(config: TrainingConfig, model_name: str, args: argparse.Nam
         if out_of_time or run.finished:
             break
     run.progress.close()
-    run.accelerator.end_training()
+    end_training(run)
     return {
         "model_class": type(run.accelerator.unwrap_model(run.model)).__name__,
         "steps": run.state.global_step,

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import gc
 import itertools
 import json
 import logging
@@ -677,8 +678,23 @@ def validation_examples(network: torch.nn.Module, eval_loader: Any) -> Iterator[
 # Finish ---------------------------------------------------------------------------------------------------
 
 
-def stop_interrupted(run: Run) -> dict[str, Any]:
+def end_training(run: Run) -> None:
+    """Ends the trackers and the process group, after freeing the distributed wrapper of the model.
+
+    DDP's gradient reducer holds a reference to the process group and is freed with the GIL held. Had it
+    the last one (accelerate's `end_training` drops the others), the gloo group's destructor would wait for
+    its worker threads with the GIL held, while a worker freeing a finished collective's tensors waits for
+    the GIL: the process hangs at exit (seen in a 2-process run, torch 2.13; pytorch/pytorch#56297). Freed
+    first, the group goes last, through its own binding, which releases the GIL.
+    """
+    run.model = run.accelerator.unwrap_model(run.model)
+    run.accelerator.free_memory()
+    gc.collect()  # the wrapper's reference cycles, so that the reducer is gone now
     run.accelerator.end_training()
+
+
+def stop_interrupted(run: Run) -> dict[str, Any]:
+    end_training(run)
     logger.warning(
         "Interrupted by %s at step %d: checkpoint saved. Continue with --resume_from_checkpoint latest",
         run.interrupted_by,
@@ -712,7 +728,7 @@ def finish(run: Run) -> dict[str, Any]:
         write_json_atomic(run.output_dir / "all_results.json", results)
         write_model_card(run.output_dir)
         print_summary(results, run.id2label)
-    accelerator.end_training()
+    end_training(run)
     if config.push_to_hub and accelerator.is_main_process:
         url = push_to_hub(
             run.output_dir, config.hub_model_id, private=config.hub_private_repo, format=config.hub_format

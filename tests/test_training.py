@@ -35,14 +35,14 @@ SMALL_RUN = [
 
 
 def _launch(
-    args: list[str], num_processes: int = 1, timeout: int = 300, **popen
+    args: list[str], num_processes: int = 1, timeout: int = 300, script: str = "scripts/train.py", **popen
 ) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if num_processes > 1:
         command += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
     else:
         command += ["--num_processes", "1", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train.py", *args]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **popen)
 
 
@@ -453,6 +453,38 @@ def _wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeo
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_process_run_frees_the_ddp_wrapper_before_destroying_the_process_group(tmp_path):
+    """DDP's reducer is freed holding the GIL; with the last reference to the gloo group it would join the
+    group's worker threads holding it, and hang at exit when one of them needs the GIL (seen in CI)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import gc, sys\n"
+        "import torch\n"
+        "from accelerate import Accelerator\n"
+        "from segformer_hf import training\n"
+        "end_training = Accelerator.end_training\n"
+        "def probed(self):\n"
+        "    alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())\n"
+        "    print(f'DDP wrappers alive: {alive}', file=sys.stderr, flush=True)\n"
+        "    return end_training(self)\n"
+        "Accelerator.end_training = probed\n"
+        "sys.exit(training.main(sys.argv[1:]))\n"
+    )
+    args = [
+        *SMALL_RUN,
+        "--max_train_steps",
+        "2",
+        "--eval_steps",
+        "100",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    result = _launch(args, num_processes=2, script=str(probe), timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "world size 2" in result.stderr
+    assert result.stderr.count("DDP wrappers alive: 0") == 2, result.stderr[-4000:]
+
+
 def test_two_process_cpu_run_is_really_distributed_and_matches_one_process_metrics(tmp_path):
     output_dir = tmp_path / "ddp"
     result = _launch(
