@@ -237,6 +237,17 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if args.output is not None and args.output.is_dir():
         raise ValueError(f"--output {args.output} is a directory; give a JSON file path")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        return _evaluate_with(accelerator, args)
+    finally:
+        # The process group ends here, while the interpreter is whole: left to the exit, gloo's threads can
+        # still hold the last collective's tensors, and freeing them while Python finalises aborts the
+        # process (SIGABRT on one rank of a 2-process CPU run, seen in CI; pytorch/pytorch#179291).
+        accelerator.end_training()
+
+
+def _evaluate_with(accelerator: Accelerator, args: argparse.Namespace) -> dict[str, Any]:
+    """`run_evaluation`'s work, within the accelerator's lifetime."""
     model, image_processor = load_model_for_inference(
         args.model, trust_remote_code=args.trust_remote_code, device=accelerator.device
     )

@@ -111,6 +111,29 @@ def test_two_process_evaluation_equals_one_process(saved_model, tmp_path):
     assert double["per_category_iou"] == pytest.approx(single["per_category_iou"], nan_ok=True, abs=1e-9)
 
 
+def test_two_process_evaluation_ends_its_process_group_before_the_interpreter_exits(saved_model, tmp_path):
+    """Left to the interpreter's exit, gloo's threads may free the last collective's tensors while Python
+    finalises, which aborts the process (one rank died of SIGABRT in CI)."""
+    model_dir, _ = saved_model
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import atexit, sys\n"
+        "import torch.distributed\n"
+        "from segformer_hf import evaluation\n"
+        "atexit.register(lambda: print(f'group alive at exit: {torch.distributed.is_initialized()}', flush=True))\n"
+        "sys.exit(evaluation.main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(probe),
+         "--model", str(model_dir), "--data_dir", str(DEMO_DATA), "--split", "val", "--max_samples", "2",
+         "--num_workers", "0", "--img_scale", "80", "60"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("group alive at exit: False") == 2, result.stdout[-3000:]
+
+
 def test_a_missing_split_is_a_clear_error(saved_model, tmp_path):
     model_dir, _ = saved_model
     result = subprocess.run(
