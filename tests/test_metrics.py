@@ -590,6 +590,9 @@ def _distributed_worker(output_dir: Path) -> None:
         results[backend] = {key: np.asarray(value).tolist() for key, value in metric.compute().items()}
     (output_dir / f"results_rank{state.process_index}.json").write_text(json.dumps(results))
     state.wait_for_everyone()
+    # Ended here, not by the interpreter's exit, where gloo's threads can abort the process (as the package's
+    # own evaluation does: `evaluation.run_evaluation`).
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
