@@ -108,7 +108,7 @@ def train_for_budget(config: TrainingConfig, model_name: str, args: argparse.Nam
     run.progress.close()
     end_training(run)
     return {
-        "model_class": type(run.accelerator.unwrap_model(run.model)).__name__,
+        "model_class": type(run.model).__name__,  # unwrapped by `end_training`
         "steps": run.state.global_step,
         "train_seconds": points[-1]["train_seconds"],  # the last point is taken when training ends
         "eval_seconds": clock.paused_seconds,

@@ -98,14 +98,18 @@ def test_sliding_window_with_one_window_over_the_image_equals_whole_image(saved_
     assert slide["per_category_iou"] == pytest.approx(whole["per_category_iou"], nan_ok=True, abs=1e-9)
 
 
+TWO_PROCESSES = (
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+)  # fmt: skip
+
+
 def test_two_process_evaluation_equals_one_process(saved_model, tmp_path):
     model_dir, _ = saved_model
     single, _ = _evaluate(model_dir, tmp_path / "one.json", "--img_scale", "160", "120")
-    launcher = (
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-    )  # fmt: skip
-    double, _ = _evaluate(model_dir, tmp_path / "two.json", "--img_scale", "160", "120", launcher=launcher)
+    double, _ = _evaluate(
+        model_dir, tmp_path / "two.json", "--img_scale", "160", "120", launcher=TWO_PROCESSES
+    )
     assert double["world_size"] == 2 and double["num_samples"] == NUM_SAMPLES
     assert double["mean_iou"] == pytest.approx(single["mean_iou"], abs=1e-9)
     assert double["per_category_iou"] == pytest.approx(single["per_category_iou"], nan_ok=True, abs=1e-9)
@@ -124,10 +128,8 @@ def test_two_process_evaluation_ends_its_process_group_before_the_interpreter_ex
         "sys.exit(evaluation.main(sys.argv[1:]))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(probe),
-         "--model", str(model_dir), "--data_dir", str(DEMO_DATA), "--split", "val", "--max_samples", "2",
-         "--num_workers", "0", "--img_scale", "80", "60"],
+        [*TWO_PROCESSES, str(probe), "--model", str(model_dir), "--data_dir", str(DEMO_DATA), "--split", "val",
+         "--max_samples", "2", "--num_workers", "0", "--img_scale", "80", "60"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

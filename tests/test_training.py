@@ -485,6 +485,7 @@ def test_two_process_run_frees_the_ddp_wrapper_before_destroying_the_process_gro
     assert result.stderr.count("DDP wrappers alive: 0") == 2, result.stderr[-4000:]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_two_process_cpu_run_is_really_distributed_and_matches_one_process_metrics(tmp_path):
     output_dir = tmp_path / "ddp"
     result = _launch(
