@@ -15,11 +15,14 @@ decoder's cost. The rest, each measured with scripts/benchmark.py:
 * the loss (`UpsampledCrossEntropy`) writes its gradient over the upsampled logits during the forward
   pass instead of filling three more tensors of the labels' size;
 * in evaluation the frozen BatchNorm is folded into the composed decoder weights;
-* on CPU the decoder's dropout draws random numbers only for the elements it drops.
+* on CPU the decoder's dropout draws random numbers only for the elements it drops;
+* under torch.compile on CPU, the bilinear upsampling and that dropout noise are custom operators the
+  compiler calls as they are, where inductor's own CPU code for them is slower.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Any
@@ -359,34 +362,49 @@ class SegformerHFSparseDrawDropout(nn.Dropout):
     """Dropout that, on CPU, draws a random number only for each dropped element instead of every element.
 
     The output is the same random function as `nn.Dropout`'s: `hidden * noise`, with the noise i.i.d. 0
-    (probability p) or 1 / (1 - p). PyTorch's CPU generator produces random numbers one at a time on one
-    thread, so for the decoder's (B, C, H/4, W/4) map `nn.Dropout` spends longer drawing its mask than
-    the convolution after it computes. The dropped positions of a Bernoulli(p) sequence are the running
-    sums of i.i.d. Geometric(p) gaps, which takes about p * numel draws. Elsewhere (CUDA, torch.compile,
-    p of 0 or 1, in place) this is `nn.Dropout` itself.
+    (probability p) or 1 / (1 - p) (`sparse_dropout_noise`). PyTorch's CPU generator produces random
+    numbers one at a time on one thread, so for the decoder's (B, C, H/4, W/4) map `nn.Dropout` spends
+    longer drawing its mask than the convolution after it computes, and inductor's generated dropout
+    (a random number per element too) no less. Under torch.compile the noise comes from the opaque
+    `segformer_hf::sparse_dropout_noise` operator and the product stays in the graph. Elsewhere (CUDA, p
+    of 0 or 1, in place) this is `nn.Dropout` itself.
     """
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         sparse = self.training and 0.0 < self.p < 1.0 and not self.inplace and hidden.device.type == "cpu"
-        if not sparse or torch.compiler.is_compiling():
+        if not sparse:
             return super().forward(hidden)
-        numel = hidden.numel()
-        # Same memory layout as `hidden`; the drops index it in memory order (the noise is i.i.d., so any
-        # order draws the same distribution).
-        noise = torch.empty_like(hidden).fill_(1.0 / (1.0 - self.p))
-        flat_noise = noise.as_strided((numel,), (1,))
-        expected_drops = self.p * numel
-        draws_per_round = int(expected_drops + 8.0 * math.sqrt(expected_drops) + 16)
-        rounds = []
-        last_position = -1
-        while last_position < numel - 1:
-            gaps = torch.empty(draws_per_round, dtype=torch.long).geometric_(self.p)
-            positions = gaps.cumsum(0).add_(last_position)
-            rounds.append(positions)
-            last_position = int(positions[-1])
-        positions = torch.cat(rounds)
-        flat_noise.index_fill_(0, positions[positions < numel], 0.0)
-        return hidden * noise
+        if torch.compiler.is_compiling():
+            if not _COMPILER_KERNELS:
+                return super().forward(hidden)
+            # The noise takes only the map's shape and layout from it, and no gradient.
+            return hidden * torch.ops.segformer_hf.sparse_dropout_noise(hidden.detach(), self.p)
+        return hidden * sparse_dropout_noise(hidden, self.p)
+
+
+def sparse_dropout_noise(hidden: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's noise for `hidden` (same shape and memory layout): 0 with probability p, else 1 / (1 - p).
+
+    The dropped positions of a Bernoulli(p) sequence are the running sums of i.i.d. Geometric(p) gaps,
+    so drawing the gaps takes about p * numel random numbers instead of numel.
+    """
+    numel = hidden.numel()
+    # Same memory layout as `hidden`; the drops index it in memory order (the noise is i.i.d., so any
+    # order draws the same distribution).
+    noise = torch.empty_like(hidden).fill_(1.0 / (1.0 - p))
+    flat_noise = noise.as_strided((numel,), (1,))
+    expected_drops = p * numel
+    draws_per_round = int(expected_drops + 8.0 * math.sqrt(expected_drops) + 16)
+    rounds = []
+    last_position = -1
+    while last_position < numel - 1:
+        gaps = torch.empty(draws_per_round, dtype=torch.long).geometric_(p)
+        positions = gaps.cumsum(0).add_(last_position)
+        rounds.append(positions)
+        last_position = int(positions[-1])
+    positions = torch.cat(rounds)
+    flat_noise.index_fill_(0, positions[positions < numel], 0.0)
+    return noise
 
 
 class SegformerHFDecodeHead(nn.Module):
@@ -457,7 +475,7 @@ class SegformerHFDecodeHead(nn.Module):
             # Nothing to learn from: normalise by the batch itself, but teach the running statistics nothing.
             return F.batch_norm(fused, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
         supervised = fused[statistics_samples]
-        hidden = fused.new_empty(fused.shape)
+        hidden = torch.empty_like(fused)  # the same (channels-last) layout as the batch-normalised map
         hidden[statistics_samples] = norm(supervised)
         with torch.no_grad():
             # float32 like BatchNorm's own statistics (the map may be half precision under autocast).
@@ -541,7 +559,7 @@ class SegformerHFDecodeHead(nn.Module):
                     projected, list(target_size), False, None, None, out=upsampled
                 )
             elif projected.shape[-2:] != target_size:
-                projected = F.interpolate(projected, size=target_size, mode="bilinear", align_corners=False)
+                projected = upsample_bilinear(projected, target_size)
             # In place is safe for autograd: neither conv2d nor interpolate needs its output for backward.
             fused = projected if fused is None else fused.add_(projected)
         hidden = fused if frozen_norm is not None else self.normalize(fused, statistics_samples)
@@ -812,6 +830,90 @@ class UpsampledCrossEntropy(torch.autograd.Function):
             gradient, list(gradient.shape[-2:]), list(ctx.logits_shape), False, None, None
         )
         return coarse.mul_(grad_loss / valid_count.clamp(min=1)), None, None, None
+
+
+def upsample_bilinear(features: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """`F.interpolate(features, size, mode="bilinear", align_corners=False)`, and the same kernel compiled.
+
+    Under torch.compile on the CPU the resize is the opaque `segformer_hf::upsample_bilinear` operator:
+    inductor's own CPU code for it (and for its backward) is a gather (and a scatter) that runs 2-3x slower
+    than ATen's channels-last kernel, which the operator calls. Elsewhere (eager, CUDA, torch.export) it is
+    `F.interpolate` itself.
+    """
+    height, width = size
+    if (
+        features.device.type == "cpu"
+        and _COMPILER_KERNELS
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    ):
+        return torch.ops.segformer_hf.upsample_bilinear(features, height, width)
+    return F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _layout_of(tensor: torch.Tensor) -> torch.memory_format:
+    """Channels-last when `tensor` is stored so (and not also plainly contiguous), else contiguous."""
+    channels_last = tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _define_compiler_kernels() -> bool:
+    """Registers the `segformer_hf::` operators that torch.compile calls as they are (see their users).
+
+    A custom operator is opaque to the compiler: the graph calls it, with its registered gradient, instead
+    of tracing into it. Returns whether they exist; a second copy of this file (the package and the same
+    code loaded from the Hub as remote code) finds them registered by the first.
+    """
+    namespace = torch.ops.segformer_hf
+    if hasattr(namespace, "upsample_bilinear") and hasattr(namespace, "sparse_dropout_noise"):
+        return True
+    if not (hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_exporting")):
+        return False  # an older torch: compiled models take inductor's own kernels
+
+    def resize(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
+
+    def resize_backward(gradient: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        input_size = [*gradient.shape[:2], height, width]
+        return torch.ops.aten.upsample_bilinear2d_backward(
+            gradient, list(gradient.shape[-2:]), input_size, False, None, None
+        ).contiguous(memory_format=_layout_of(gradient))
+
+    def resize_backward_shape(gradient: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        # By hand: ATen's shape function for this backward takes no symbolic sizes.
+        size = (*gradient.shape[:2], height, width)
+        return gradient.new_empty(size).contiguous(memory_format=_layout_of(gradient))
+
+    upsample = torch.library.custom_op("segformer_hf::upsample_bilinear", resize, mutates_args=())
+    upsample_backward = torch.library.custom_op(
+        "segformer_hf::upsample_bilinear_backward", resize_backward, mutates_args=()
+    )
+    # The compiler reads the results' shapes and memory layouts from these, on its fake tensors.
+    upsample.register_fake(resize)
+    upsample_backward.register_fake(resize_backward_shape)
+
+    def remember_input_size(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.input_size = tuple(inputs[0].shape[-2:])
+
+    def upsample_gradient(ctx: Any, gradient: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        return torch.ops.segformer_hf.upsample_bilinear_backward(gradient, *ctx.input_size), None, None
+
+    upsample.register_autograd(upsample_gradient, setup_context=remember_input_size)
+
+    # Seeded and nondeterministic: the compiler must neither merge two calls nor recompute one in the backward.
+    seeded = {"tags": (torch.Tag.nondeterministic_seeded,)}
+    if "tags" not in inspect.signature(torch.library.custom_op).parameters:
+        seeded = {}
+
+    noise = torch.library.custom_op(
+        "segformer_hf::sparse_dropout_noise", sparse_dropout_noise, mutates_args=(), **seeded
+    )
+    noise.register_fake(lambda hidden, p: torch.empty_like(hidden))
+
+    return True
+
+
+_COMPILER_KERNELS = _define_compiler_kernels()
 
 
 def _resolve(value: bool | None, default: bool) -> bool:

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from conftest import DEMO_DATA, REPO_ROOT
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -70,16 +71,19 @@ def test_compiled_inference_equals_eager_at_two_sizes_without_recompiling():
 def test_compiled_training_step_is_one_graph_with_eager_loss_gradients_and_statistics():
     # A batch with a sample without labels exercises the masked BatchNorm statistics (`normalize`), whose
     # eager form syncs with the host. The only break allowed is the loss, kept out of the graph on purpose.
+    # The decoder's dropout stays on: compiled, its noise comes from the same sparse draws (the opaque
+    # `segformer_hf::sparse_dropout_noise`), so with the same seed it drops the same elements as eager.
     pixel_values = torch.randn(3, 3, 64, 64)
     labels = torch.randint(0, 5, (3, 64, 64))
     labels[1] = 255
     results = []
     for compile_model in (False, True):
-        model = _tiny_model(classifier_dropout_prob=0.0, drop_path_rate=0.0).train()
+        model = _tiny_model(classifier_dropout_prob=0.3, drop_path_rate=0.0).train()
         torch._dynamo.reset()
         counters["graph_break"].clear()
         counter = CompileCounterWithBackend("aot_eager")
         forward = torch.compile(model, backend=counter) if compile_model else model
+        torch.manual_seed(5)
         loss = forward(pixel_values=pixel_values, labels=labels).loss
         loss.backward()
         norm = model.decode_head.batch_norm
@@ -100,6 +104,50 @@ def test_compiled_training_step_is_one_graph_with_eager_loss_gradients_and_stati
         torch.testing.assert_close(compiled_grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
     for compiled_value, eager_value in zip(compiled_stats, eager_stats):
         torch.testing.assert_close(compiled_value, eager_value, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_cpu_graph_calls_atens_upsampling_and_the_sparse_dropout_noise():
+    # On the CPU inductor's own bilinear resize (a gather, and a scatter backward) and its dropout (a random
+    # number per element) are slower than the eager kernels, so the compiled graph calls those instead.
+    model = _tiny_model(classifier_dropout_prob=0.3, drop_path_rate=0.0).train()
+    called = set()
+
+    def recording_backend(graph_module, example_inputs):
+        called.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_backend)
+    compiled(pixel_values=torch.randn(2, 3, 64, 64), labels=torch.randint(0, 5, (2, 64, 64))).loss.backward()
+    assert {"segformer_hf.upsample_bilinear", "segformer_hf.sparse_dropout_noise"} <= called, called
+    assert not any("interpolate" in target or "dropout(" in target for target in called), called
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_upsampling_operator_equals_interpolate_and_its_gradient_compiled(channels_last):
+    from segformer_hf.modeling_segformer_hf import upsample_bilinear
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    # The compiler's view of the operators (fake shapes and layouts, the registered gradient, symbolic
+    # sizes) agrees with what they compute.
+    torch.library.opcheck(torch.ops.segformer_hf.upsample_bilinear.default, (features, 20, 28))
+    gradient = torch.randn(2, 6, 20, 28)
+    torch.library.opcheck(torch.ops.segformer_hf.upsample_bilinear_backward.default, (gradient, 5, 7))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: upsample_bilinear(x, (20, 28)), backend="inductor", fullgraph=True)
+    results = []
+    for resize in (compiled, lambda x: F.interpolate(x, size=(20, 28), mode="bilinear", align_corners=False)):
+        inputs = features.clone().requires_grad_()
+        output = resize(inputs)
+        output.backward(gradient)
+        results.append((output, inputs.grad))
+    (compiled_output, compiled_gradient), (output, expected_gradient) = results
+    torch.testing.assert_close(compiled_output, output, rtol=0, atol=0)
+    assert compiled_output.stride() == output.stride()
+    torch.testing.assert_close(compiled_gradient, expected_gradient, rtol=1e-6, atol=1e-6)
 
 
 def test_torch_compile_training_saves_weights_without_the_compile_prefix(tmp_path):
