@@ -120,7 +120,8 @@ def test_compiled_cpu_graph_calls_atens_upsampling_and_the_sparse_dropout_noise(
     compiled = torch.compile(model, backend=recording_backend)
     compiled(pixel_values=torch.randn(2, 3, 64, 64), labels=torch.randint(0, 5, (2, 64, 64))).loss.backward()
     assert {"segformer_hf.upsample_bilinear", "segformer_hf.sparse_dropout_noise"} <= called, called
-    assert not any("interpolate" in target or "dropout(" in target for target in called), called
+    # (The encoder's dropouts of probability 0 stay plain `F.dropout` calls.)
+    assert not any("interpolate" in target for target in called), called
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
