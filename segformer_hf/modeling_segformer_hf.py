@@ -375,8 +375,8 @@ class SegformerHFSparseDrawDropout(nn.Dropout):
         if not sparse:
             return super().forward(hidden)
         if torch.compiler.is_compiling():
-            if not _COMPILER_KERNELS:
-                return super().forward(hidden)
+            if not _COMPILER_KERNELS or torch.compiler.is_exporting():
+                return super().forward(hidden)  # an exported graph keeps standard operators only
             # The noise takes only the map's shape and layout from it, and no gradient.
             return hidden * torch.ops.segformer_hf.sparse_dropout_noise(hidden.detach(), self.p)
         return hidden * sparse_dropout_noise(hidden, self.p)
