@@ -848,6 +848,11 @@ def upsample_bilinear(features: torch.Tensor, size: tuple[int, int] | torch.Size
         and not torch.compiler.is_exporting()
     ):
         return torch.ops.segformer_hf.upsample_bilinear(features, height, width)
+    return _interpolate_bilinear(features, height, width)
+
+
+def _interpolate_bilinear(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The resize itself: eager, and the body (and shape function) of the compiled operator."""
     return F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
 
 
@@ -870,9 +875,6 @@ def _define_compiler_kernels() -> bool:
     if not (hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_exporting")):
         return False  # an older torch: compiled models take inductor's own kernels
 
-    def resize(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
-
     def resize_backward(gradient: torch.Tensor, height: int, width: int) -> torch.Tensor:
         input_size = [*gradient.shape[:2], height, width]
         return torch.ops.aten.upsample_bilinear2d_backward(
@@ -884,12 +886,14 @@ def _define_compiler_kernels() -> bool:
         size = (*gradient.shape[:2], height, width)
         return gradient.new_empty(size).contiguous(memory_format=_layout_of(gradient))
 
-    upsample = torch.library.custom_op("segformer_hf::upsample_bilinear", resize, mutates_args=())
+    upsample = torch.library.custom_op(
+        "segformer_hf::upsample_bilinear", _interpolate_bilinear, mutates_args=()
+    )
     upsample_backward = torch.library.custom_op(
         "segformer_hf::upsample_bilinear_backward", resize_backward, mutates_args=()
     )
     # The compiler reads the results' shapes and memory layouts from these, on its fake tensors.
-    upsample.register_fake(resize)
+    upsample.register_fake(_interpolate_bilinear)
     upsample_backward.register_fake(resize_backward_shape)
 
     def remember_input_size(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
