@@ -1,6 +1,7 @@
 """Test-wide settings: never touch the network, never prompt, keep runs small and deterministic."""
 
 import os
+import sys
 from pathlib import Path
 
 # Set before transformers/huggingface_hub/wandb are imported by any test module.
@@ -35,6 +36,20 @@ LONG_TESTS = (
 )
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEMO_DATA = REPO_ROOT / "segformer_hf" / "recipes" / "camvid-demo"
+
+
+def accelerate_launch(num_processes: int = 1) -> list[str]:
+    """`accelerate launch` as the tests run it, up to the script: CPU processes, no mixed precision, no dynamo.
+
+    Two or more processes make a real (gloo) process group (`--multi_gpu` is accelerate's name for it).
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        command.append("--multi_gpu")
+    return command + [
+        "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEMO_DATA, REPO_ROOT
+from conftest import DEMO_DATA, REPO_ROOT, accelerate_launch
 from PIL import Image
 from reference_mean_iou import reference_mean_iou
 
@@ -98,10 +98,7 @@ def test_sliding_window_with_one_window_over_the_image_equals_whole_image(saved_
     assert slide["per_category_iou"] == pytest.approx(whole["per_category_iou"], nan_ok=True, abs=1e-9)
 
 
-TWO_PROCESSES = (
-    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-)  # fmt: skip
+TWO_PROCESSES = tuple(accelerate_launch(2))
 
 
 def test_two_process_evaluation_equals_one_process(saved_model, tmp_path):

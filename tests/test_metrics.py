@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_launch
 from reference_mean_iou import reference_confusion_matrix, reference_mean_iou
 
 import segformer_hf.metrics as segformer_metrics
@@ -554,9 +555,7 @@ def free_port() -> int:
 
 def test_two_processes_sum_to_the_one_process_result(tmp_path, repo_root):
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), __file__, str(tmp_path),
+        *accelerate_launch(2), "--main_process_port", str(free_port()), __file__, str(tmp_path),
     ]  # fmt: skip
     environment = {
         **os.environ,

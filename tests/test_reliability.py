@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO_ROOT
+from conftest import DEMO_DATA, REPO_ROOT, accelerate_launch
 from PIL import Image
 from safetensors.torch import load_file
 from test_training import SMALL_RUN, _wait_for_step
@@ -197,8 +197,7 @@ def test_non_finite_gradients_stop_the_run_naming_a_checkpoint_with_finite_weigh
 
 
 def _launch_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train.py", *args]  # fmt: skip
+    return [*accelerate_launch(), "scripts/train.py", *args]
 
 
 def _live_processes_in_group(pgid: int) -> list[tuple[int, str]]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from conftest import DEMO_DATA, REPO_ROOT
+from conftest import DEMO_DATA, REPO_ROOT, accelerate_launch
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -181,8 +181,7 @@ def test_torch_compile_training_saves_weights_without_the_compile_prefix(tmp_pat
 
 def test_two_process_training_has_no_gradient_stride_warning(tmp_path):
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train.py",
+        *accelerate_launch(2), "scripts/train.py",
         "--max_train_steps", "1", "--max_train_samples", "4", "--max_eval_samples", "2",
         "--crop_size", "64", "64", "--img_scale", "96", "64", "--per_device_train_batch_size", "2",
         "--dataloader_num_workers", "0", "--warmup_steps", "0", "--report_to", "none",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO_ROOT
+from conftest import DEMO_DATA, REPO_ROOT, accelerate_launch
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
 from segformer_hf.arguments import TrainingConfig, load_config, parse_args
@@ -37,12 +37,7 @@ SMALL_RUN = [
 def _launch(
     args: list[str], num_processes: int = 1, timeout: int = 300, script: str = "scripts/train.py", **popen
 ) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if num_processes > 1:
-        command += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
-    else:
-        command += ["--num_processes", "1", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
+    command = [*accelerate_launch(num_processes), script, *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **popen)
 
 
