@@ -232,10 +232,49 @@ def test_quick_cuda_run_with_bf16_autocast_and_channels_last(benchmark_script, t
         assert row["ours"]["peak_memory_mib"] > 0 and row["transformers"]["peak_memory_mib"] > 0
 
 
-def test_autocast_on_cpu_is_refused_with_a_message(benchmark_script, capsys):
+def test_cpu_bf16_run_times_both_models_under_autocast_without_the_onnxruntime_column(
+    benchmark_script, monkeypatch, tmp_path
+):
+    build_models = benchmark_script.build_models
+    seen: dict[str, set] = {"ours": set(), "transformers": set()}
+
+    def build_recording(variant, num_labels, seed):
+        models = build_models(variant, num_labels, seed)
+        for name, model in models.items():
+
+            def record(module, inputs, name=name):
+                enabled = torch.is_autocast_enabled("cpu")
+                seen[name].add(torch.get_autocast_dtype("cpu") if enabled else torch.float32)
+
+            model.register_forward_pre_hook(record)
+        return models
+
+    monkeypatch.setattr(benchmark_script, "build_models", build_recording)
+    output = tmp_path / "bench.json"
+    arguments = ["--variants", "b0", "--device", "cpu", "--size", str(SIZE), "--repeats", "1", "--warmup", "0"]  # fmt: skip
+    status = benchmark_script.main([*arguments, "--dtype", "bf16", "--no_memory", "--json", str(output)])
+    assert status == 0
+    # The agreement check runs in float32; every timed run under bf16 autocast.
+    assert seen == {"ours": {torch.float32, torch.bfloat16}, "transformers": {torch.float32, torch.bfloat16}}
+    report = json.loads(output.read_text())
+    assert report["settings"]["dtype"] == "bf16"
+    for row in report["results"]["b0"]["workloads"]:
+        assert "onnxruntime" not in row and row["ours"]["median_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--dtype", "fp16"], "--dtype fp16 (autocast) is for --device cuda"),
+        (["--dtype", "bf16", "--compile"], "--compile times float32"),
+    ],
+)
+def test_unsupported_dtype_combinations_are_refused_with_a_message(
+    benchmark_script, capsys, arguments, message
+):
     with pytest.raises(SystemExit):
-        benchmark_script.parse_args(["--device", "cpu", "--dtype", "bf16"])
-    assert "--dtype bf16/fp16 (autocast) is for --device cuda" in capsys.readouterr().err
+        benchmark_script.parse_args(["--device", "cpu", *arguments])
+    assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------
