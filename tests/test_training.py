@@ -90,6 +90,32 @@ def test_a_warm_up_longer_than_a_short_run_is_shortened_with_a_warning(caplog):
     assert "warm-up shortened to 11 steps" in caplog.text
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, caplog, has_bf16):
+    from types import SimpleNamespace
+
+    from segformer_hf import training
+
+    monkeypatch.setattr(training.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    accelerator = SimpleNamespace(
+        distributed_type="NO",
+        num_processes=1,
+        process_index=0,
+        is_main_process=True,
+        device=torch.device("cpu"),
+        mixed_precision="bf16",
+    )
+    with caplog.at_level("WARNING", logger="segformer_hf.training"):
+        training.log_distribution(accelerator)
+    warned = "without bf16 instructions" in caplog.text
+    assert warned is not has_bf16
+    # On other architectures nothing is claimed either way.
+    monkeypatch.setattr(training.platform, "machine", lambda: "aarch64")
+    assert training.cpu_lacks_bf16() is False
+
+
 def test_command_line_overrides_every_key_with_yaml_values():
     config = parse_args(
         [
