@@ -116,6 +116,38 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, ca
     assert training.cpu_lacks_bf16() is False
 
 
+def test_bf16_training_on_the_cpu_runs_the_model_under_autocast_and_keeps_float32_weights(tmp_path):
+    """What `camvid-b0-scratch` relies on: accelerate's bf16 autocast is really on for a CPU run."""
+    from accelerate.state import AcceleratorState
+
+    from segformer_hf import training
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the suite's earlier Accelerators were float32
+    try:
+        config = parse_args(
+            [*SMALL_RUN, "--max_train_steps", "2", "--mixed_precision", "bf16",
+             "--output_dir", str(tmp_path / "run")]
+        )  # fmt: skip
+        run = training.set_up(config)
+        # accelerate puts autocast around the model's forward: the classifier's output shows what ran.
+        classifier_dtypes = []
+        run.accelerator.unwrap_model(run.model).decode_head.classifier.register_forward_hook(
+            lambda module, inputs, output: classifier_dtypes.append(output.dtype)
+        )
+        before = [parameter.detach().clone() for parameter in run.model.parameters()]
+        batches = training.training_batches(run)
+        for _ in range(2):
+            assert training.optimization_step(run, next(batches))
+        batches.close()
+        assert classifier_dtypes == [torch.bfloat16, torch.bfloat16]
+        assert math.isfinite(run.step_loss) and run.state.skipped_nonfinite_steps == 0
+        after = list(run.model.parameters())
+        assert all(parameter.dtype == torch.float32 for parameter in after)
+        assert any(not torch.equal(old, new) for old, new in zip(before, after))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_command_line_overrides_every_key_with_yaml_values():
     config = parse_args(
         [
