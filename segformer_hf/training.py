@@ -285,7 +285,8 @@ def build_model(
         "classifier_dropout_prob": config.classifier_dropout_prob,
         "class_weights": class_weights,
         "use_ohem": config.use_ohem,
-        "ohem_thresh": config.ohem_thresh,
+        # A recipe's OHEM settings stay unused when a run switches OHEM off (`--use_ohem false`).
+        "ohem_thresh": config.ohem_thresh if config.use_ohem else None,
         "ohem_min_kept": config.ohem_min_kept,
         "dice_weight": config.dice_weight,
         # The data set's class colours, so that masks drawn from the saved model use them.

@@ -183,6 +183,17 @@ def test_class_weights_power_damps_the_auto_weights_that_reach_the_loss():
             load_config("demo", {"class_weights_power": bad})
 
 
+def test_switching_off_a_recipes_ohem_on_the_command_line_trains_plain_cross_entropy():
+    """camvid-b0-scratch sets ohem_thresh; `--use_ohem false` (benchmark_training's comparison) must just work."""
+    config = parse_args(["--config", "camvid-b0-scratch", "--use_ohem", "false"])
+    assert config.ohem_thresh == 0.7
+    model = build_model(config, {0: "background", 1: "thing"})
+    assert model.config.use_ohem is False and model.config.ohem_thresh is None
+    assert (
+        build_model(parse_args(["--config", "camvid-b0-scratch"]), {0: "a", 1: "b"}).config.ohem_thresh == 0.7
+    )
+
+
 def test_dice_weight_reaches_the_model_and_bad_values_are_refused():
     config = parse_args(["--dice_weight", "0.5"])
     assert config.dice_weight == 0.5
