@@ -248,7 +248,8 @@ def cpu_lacks_bf16() -> bool:
     """Whether this is an x86 CPU known to lack bf16 arithmetic (bf16 autocast then runs slower than float32).
 
     On the CPUs that have it (AVX512-BF16 or AMX) oneDNN runs convolutions and matmuls in bf16: on the 2-core
-    machine of docs/time_to_accuracy.md a training step takes 1.6x less time. Other architectures: not known.
+    machine of docs/performance.md the model's part of a training step runs 1.6x faster. Other architectures:
+    not known, so not warned about.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
