@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import platform
 import sys
 import time
@@ -174,6 +175,17 @@ def evaluate_point(run: Run, clock: TrainingClock) -> dict[str, Any]:
 WIDTH, HEIGHT, MARGIN = 900, 560, 70
 
 
+def axis_ticks(maximum: float, most_intervals: int = 6) -> list[float]:
+    """Round tick values 0, step, 2 step, ... <= maximum: the smallest step of 1, 2, 2.5 or 5 times a power of
+    ten that leaves at most `most_intervals` intervals.
+
+    A 10-minute budget ends a few milliseconds past 10 minutes: its ticks are 0, 2, ..., 10, not 10.01 / 5.
+    """
+    power = 10.0 ** math.floor(math.log10(maximum / most_intervals))
+    step = next(power * f for f in (1.0, 2.0, 2.5, 5.0, 10.0) if maximum / (power * f) <= most_intervals)
+    return [round(index * step, 12) for index in range(int(maximum / step * (1 + 1e-9)) + 1)]
+
+
 def plot_curves(runs: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     """Mean IoU (y) against training minutes (x), one line and marker per evaluation, per model."""
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
@@ -187,12 +199,14 @@ def plot_curves(runs: dict[str, dict[str, Any]], title: str, path: Path) -> None
         return left + (right - left) * minutes / x_max, bottom - (bottom - top) * iou / y_max
 
     draw.rectangle([left, top, right, bottom], outline="black")
-    for tick in range(6):
-        x, y = left + (right - left) * tick / 5, bottom - (bottom - top) * tick / 5
+    for minutes in axis_ticks(x_max):
+        x, _ = position(minutes, 0.0)
         draw.line([x, bottom, x, bottom + 5], fill="black")
-        draw.text((x - 12, bottom + 8), f"{x_max * tick / 5:.2f}", fill="black", font=font)
+        draw.text((x - 12, bottom + 8), f"{minutes:g}", fill="black", font=font)
+    for iou in axis_ticks(y_max):
+        _, y = position(0.0, iou)
         draw.line([left - 5, y, left, y], fill="black")
-        draw.text((left - 45, y - 6), f"{y_max * tick / 5:.3f}", fill="black", font=font)
+        draw.text((left - 45, y - 6), f"{iou:g}", fill="black", font=font)
     draw.text(((left + right) / 2 - 80, HEIGHT - 30), "training wall time (minutes)", fill="black", font=font)
     draw.text((8, 12), "validation mean IoU", fill="black", font=font)
     draw.text((left + 150, 12), title, fill="black", font=font)

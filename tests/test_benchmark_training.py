@@ -37,6 +37,19 @@ def test_the_training_clock_stops_while_evaluating(script):
     assert 0.05 <= clock.seconds() < 0.3
 
 
+@pytest.mark.parametrize(
+    ("maximum", "ticks"),
+    [
+        (10.0071, [0, 2, 4, 6, 8, 10]),  # a 10-minute budget, a few milliseconds over
+        (0.4, [0, 0.1, 0.2, 0.3, 0.4]),
+        (45.3, [0, 10, 20, 30, 40]),
+        (0.05, [0, 0.01, 0.02, 0.03, 0.04, 0.05]),
+    ],
+)
+def test_plot_axes_are_ticked_at_round_values_within_the_data(script, maximum, ticks):
+    assert script.axis_ticks(maximum) == pytest.approx(ticks)
+
+
 def test_both_models_train_for_the_budget_from_the_same_weights_and_write_json_and_png(script, tmp_path):
     output_dir = tmp_path / "bench"
     started = time.perf_counter()
