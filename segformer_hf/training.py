@@ -19,7 +19,6 @@ import json
 import logging
 import netrc
 import os
-import platform
 import shutil
 import sys
 import time
@@ -61,7 +60,7 @@ from .conversion import from_reference
 from .evaluation import evaluate_model, format_metrics_table, same_size_groups
 from .files import nan_to_none, write_atomic, write_json_atomic
 from .hub import push_to_hub, write_model_card
-from .inference import imagenet_normalization, predict_whole
+from .inference import cpu_lacks_bf16, imagenet_normalization, predict_whole
 from .metrics import create_metric
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 from .optimization import build_optimizer, build_scheduler
@@ -242,22 +241,6 @@ def log_distribution(accelerator: Accelerator) -> None:
             "mixed_precision bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated "
             "there and usually slower than float32; pass --mixed_precision no"
         )
-
-
-def cpu_lacks_bf16() -> bool:
-    """Whether this is an x86 CPU known to lack bf16 arithmetic (bf16 autocast then runs slower than float32).
-
-    On the CPUs that have it (AVX512-BF16 or AMX) oneDNN runs convolutions and matmuls in bf16: on the 2-core
-    machine of docs/performance.md the model's part of a training step runs 1.6x faster. Other architectures:
-    not known, so not warned about.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    checks = [
-        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    checks = [check for check in checks if check is not None]
-    return bool(checks) and not any(check() for check in checks)
 
 
 def ensure_wandb_does_not_prompt() -> None:

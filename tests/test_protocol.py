@@ -148,6 +148,21 @@ def test_evaluate_without_flags_reports_exactly_the_metrics_training_reported(tr
         assert evaluated[key] == results[f"eval_{key}"], key
 
 
+def test_evaluate_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(trained_run, monkeypatch, caplog):
+    from segformer_hf import evaluation
+
+    output_dir, _ = trained_run
+    monkeypatch.setattr(evaluation, "cpu_lacks_bf16", lambda: True)
+    arguments = ["--model", str(output_dir), "--data_dir", str(DEMO_DATA), "--split", "val"]
+    arguments += ["--max_samples", "2", "--num_workers", "0"]
+    with caplog.at_level(logging.WARNING, logger="segformer_hf.evaluation"):
+        evaluation.run_evaluation(evaluation.build_parser().parse_args(arguments))
+        assert "without bf16 instructions" not in caplog.text  # float32 asked for: nothing to say
+        results = evaluation.run_evaluation(evaluation.build_parser().parse_args([*arguments, "--bf16"]))
+    assert "without bf16 instructions" in caplog.text
+    assert results["num_samples"] == 2  # a warning, not a refusal
+
+
 def test_flags_override_the_saved_protocol_one_by_one():
     from segformer_hf.evaluation import build_parser
 

@@ -94,9 +94,9 @@ def test_a_warm_up_longer_than_a_short_run_is_shortened_with_a_warning(caplog):
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, caplog, has_bf16):
     from types import SimpleNamespace
 
-    from segformer_hf import training
+    from segformer_hf import inference, training
 
-    monkeypatch.setattr(training.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(inference.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     accelerator = SimpleNamespace(
@@ -112,8 +112,8 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, ca
     warned = "without bf16 instructions" in caplog.text
     assert warned is not has_bf16
     # On other architectures nothing is claimed either way.
-    monkeypatch.setattr(training.platform, "machine", lambda: "aarch64")
-    assert training.cpu_lacks_bf16() is False
+    monkeypatch.setattr(inference.platform, "machine", lambda: "aarch64")
+    assert inference.cpu_lacks_bf16() is False
 
 
 def test_bf16_training_on_the_cpu_runs_the_model_under_autocast_and_keeps_float32_weights(tmp_path):
