@@ -29,6 +29,11 @@ latency and training workloads, alternated, with the ratio compiled / eager per 
 time: the first call (tracing, compiling and one run) and the first call at a NEW size (--size plus
 --new_size_offset), which with dynamic shapes (--dynamic true) reuses the first graph instead of
 compiling again. Compiled logits must match eager ones (relative L2 <= 1e-4) or nothing is reported.
+`--freezing` turns on inductor's freezing for the inference graphs (the weights become constants, folded
+and pre-packed), the CPU inference setting that makes compiling pay (docs/performance.md):
+
+    python scripts/benchmark.py --device cpu --variants b0 --size 256 --compile --dynamic false \
+        --compile_mode max-autotune --freezing
 
 Ratios are ours / transformers': below 1 is faster (or smaller); the onnxruntime ratio is onnxruntime /
 transformers'. Peak memory is the most memory one step
@@ -101,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile's mode for both models (reduce-overhead: CUDA graphs on a GPU)",
     )
     parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="--compile: inductor's freezing for the inference graphs (weights folded in as constants and "
+        "pre-packed for oneDNN/the GEMM templates; the model must not change after compiling)",
+    )
+    parser.add_argument(
         "--new_size_offset", type=int, default=32, help="--compile: the NEW size is size + this"
     )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
@@ -130,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dtype fp16 (autocast) is for --device cuda; on the CPU use bf16 or fp32")
     if args.compile and args.dtype != "fp32":
         parser.error("--compile times float32 eager against float32 compiled; leave --dtype out")
+    if args.freezing and not args.compile:
+        parser.error("--freezing is an option of --compile")
     for name in ("size", "repeats", "latency_batch", "throughput_batch", "train_batch", "num_labels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -393,6 +406,11 @@ def benchmark_compiled(
     """Eager vs torch.compile per model: medians of alternated runs, and compile times (see the docstring)."""
     dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
     synchronize = synchronizer(device)
+    import torch._inductor.config as inductor_config
+
+    # Global, as inductor reads it; it applies to graphs compiled without gradients only (inference), and
+    # only to those compiled from here on.
+    inductor_config.freezing = args.freezing
     rows = []
     for index, (name, batch_size, training) in enumerate(workloads(args)):
         if name == "inference throughput":

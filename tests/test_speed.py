@@ -68,6 +68,21 @@ def test_compiled_inference_equals_eager_at_two_sizes_without_recompiling():
     assert compiled_after[0] >= 1 and compiled_after[1] == compiled_after[0], compiled_after
 
 
+def test_compiled_inference_with_frozen_weights_equals_eager():
+    # The CPU inference setting of docs/performance.md: inductor's freezing folds the weights (and the folded
+    # BatchNorm of the decoder) into the graph as constants and pre-packs them for oneDNN.
+    import torch._inductor.config as inductor_config
+
+    model = _tiny_model().eval()
+    torch._dynamo.reset()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        compiled = torch.compile(model, backend="inductor", dynamic=False)
+        compiled_logits = compiled(pixel_values=pixel_values).logits
+        eager_logits = model(pixel_values=pixel_values).logits
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_training_step_is_one_graph_with_eager_loss_gradients_and_statistics():
     # A batch with a sample without labels exercises the masked BatchNorm statistics (`normalize`), whose
     # eager form syncs with the host. The only break allowed is the loss, kept out of the graph on purpose.
