@@ -1,7 +1,7 @@
 """Time to accuracy: validation mean IoU against training wall time, for a recipe and a time budget.
 
     python scripts/benchmark_training.py --budget_minutes 10                          # the demo recipe
-    python scripts/benchmark_training.py --config camvid-b0 --init_from null --budget_minutes 30 \\
+    python scripts/benchmark_training.py --config camvid-b0 --data_dir ../shared/data/camvid --init_from null --budget_minutes 30 \\
         --models ours transformers --eval_every_seconds 120 --output_dir outputs/tta-camvid
 
 Each model trains with the package's own loop (`training.set_up`, `training_batches`,

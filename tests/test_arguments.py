@@ -4,6 +4,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from segformer_hf.data import (
     class_weights_for,
     frequency_class_weights,
     load_training_data,
+    resolve_id2label,
 )
 from segformer_hf.training import build_model
 
@@ -61,6 +63,31 @@ def test_shipped_recipes_are_found_by_name_and_all_load():
         config = load_config(name)
         assert config.model_variant in ("b0", "b5"), name
     assert find_recipe("demo") == find_recipe("demo.yaml")
+
+
+def test_shipped_recipes_read_no_file_outside_the_package(tmp_path, monkeypatch):
+    """A user's own data directory must be enough: the class names and colours a recipe names are shipped
+    with it (camvid-b0 once pointed at this repository's ../shared/data, which no installed package has)."""
+    import segformer_hf
+
+    package = Path(segformer_hf.__file__).resolve().parent
+    monkeypatch.chdir(tmp_path)  # relative paths must not resolve against a checkout
+    for name in recipe_names():
+        config = load_config(name)
+        if config.id2label_file is not None:
+            path = Path(config.id2label_file).resolve()
+            assert path.is_file() and package in path.parents, (name, config.id2label_file)
+            assert resolve_id2label(id2label_file=path), name
+        if config.data_dir is not None:  # bundled, or a conventional place under the user's directory
+            data_dir = Path(config.data_dir)
+            bundled = package in data_dir.resolve().parents
+            assert bundled or (not data_dir.is_absolute() and ".." not in data_dir.parts), (name, data_dir)
+    camvid = load_config("camvid-b0-scratch", {"data_dir": str(tmp_path)})
+    assert list(resolve_id2label(id2label_file=camvid.id2label_file).values())[:3] == [
+        "Sky",
+        "Building",
+        "Pole",
+    ]
 
 
 def test_a_recipe_inherits_from_its_base_and_overrides_it(tmp_path):
