@@ -32,8 +32,7 @@ compiling again. Compiled logits must match eager ones (relative L2 <= 1e-4) or 
 `--freezing` turns on inductor's freezing for the inference graphs (the weights become constants, folded
 and pre-packed), the CPU inference setting that makes compiling pay (docs/performance.md):
 
-    python scripts/benchmark.py --device cpu --variants b0 --size 256 --compile --dynamic false \
-        --compile_mode max-autotune --freezing
+    python scripts/benchmark.py --device cpu --variants b0 --size 256 --compile --dynamic false --freezing
 
 Ratios are ours / transformers': below 1 is faster (or smaller); the onnxruntime ratio is onnxruntime /
 transformers'. Peak memory is the most memory one step
