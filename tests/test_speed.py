@@ -75,11 +75,16 @@ def test_compiled_inference_with_frozen_weights_equals_eager():
 
     model = _tiny_model().eval()
     torch._dynamo.reset()
+    counters.clear()
     pixel_values = torch.randn(2, 3, 64, 96)
     with torch.inference_mode(), inductor_config.patch(freezing=True):
         compiled = torch.compile(model, backend="inductor", dynamic=False)
         compiled_logits = compiled(pixel_values=pixel_values).logits
         eager_logits = model(pixel_values=pixel_values).logits
+    # Freezing really ran: the convolution and linear weights were pre-packed as constants.
+    packed = counters["inductor"]
+    assert packed["mkldnn_conv_weight_pack_matcher_count"] > 0, dict(packed)
+    assert packed["mkldnn_linear_weight_pack_matcher_count"] > 0, dict(packed)
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-5)
 
 
