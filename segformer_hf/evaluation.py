@@ -9,7 +9,6 @@ and the confusion statistics are summed, so N processes report exactly what one 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
@@ -29,15 +28,13 @@ from .inference import (
     InferenceProtocol,
     _eval_mode,
     add_inference_arguments,
-    cpu_lacks_bf16,
     load_model_for_inference,
     predict_scores,
     scores_to_labels,
+    warn_if_bf16_is_emulated,
 )
 from .metrics import create_metric
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
-
-logger = logging.getLogger(__name__)
 
 
 def evaluate_model(
@@ -252,11 +249,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
 def _evaluate_with(accelerator: Accelerator, args: argparse.Namespace) -> dict[str, Any]:
     """`run_evaluation`'s work, within the accelerator's lifetime."""
-    if args.bf16 and accelerator.device.type == "cpu" and cpu_lacks_bf16():
-        logger.warning(
-            "--bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated there and "
-            "usually slower than float32; leave --bf16 out"
-        )
+    if args.bf16:
+        warn_if_bf16_is_emulated(accelerator.device, "leave --bf16 out")
     model, image_processor = load_model_for_inference(
         args.model, trust_remote_code=args.trust_remote_code, device=accelerator.device
     )

@@ -14,6 +14,7 @@ with one default rule for each setting; training's evaluation, `segformer-hf eva
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import platform
@@ -31,6 +32,8 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, S
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 Size = tuple[int, int]
+
+logger = logging.getLogger(__name__)
 
 INFERENCE_MODES = ("whole", "slide")
 # The paper's sliding windows overlap by a third of the crop (512 -> 341, 1024 -> 768 on Cityscapes).
@@ -504,6 +507,16 @@ def cpu_lacks_bf16() -> bool:
     ]
     checks = [check for check in checks if check is not None]
     return bool(checks) and not any(check() for check in checks)
+
+
+def warn_if_bf16_is_emulated(device: torch.device, remedy: str) -> None:
+    """Warns (naming `remedy`, the flag that turns bf16 off) when bf16 was asked for on such a CPU."""
+    if device.type == "cpu" and cpu_lacks_bf16():
+        logger.warning(
+            "bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated there and usually "
+            "slower than float32; %s",
+            remedy,
+        )
 
 
 def imagenet_normalization() -> tuple[list[float], list[float]]:

@@ -60,7 +60,7 @@ from .conversion import from_reference
 from .evaluation import evaluate_model, format_metrics_table, same_size_groups
 from .files import nan_to_none, write_atomic, write_json_atomic
 from .hub import push_to_hub, write_model_card
-from .inference import cpu_lacks_bf16, imagenet_normalization, predict_whole
+from .inference import imagenet_normalization, predict_whole, warn_if_bf16_is_emulated
 from .metrics import create_metric
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
 from .optimization import build_optimizer, build_scheduler
@@ -236,11 +236,8 @@ def log_distribution(accelerator: Accelerator) -> None:
         accelerator.device,
         accelerator.mixed_precision,
     )
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and cpu_lacks_bf16():
-        logger.warning(
-            "mixed_precision bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated "
-            "there and usually slower than float32; pass --mixed_precision no"
-        )
+    if accelerator.mixed_precision == "bf16":
+        warn_if_bf16_is_emulated(accelerator.device, "pass --mixed_precision no")
 
 
 def ensure_wandb_does_not_prompt() -> None:

@@ -149,13 +149,13 @@ def test_evaluate_without_flags_reports_exactly_the_metrics_training_reported(tr
 
 
 def test_evaluate_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(trained_run, monkeypatch, caplog):
-    from segformer_hf import evaluation
+    from segformer_hf import evaluation, inference
 
     output_dir, _ = trained_run
-    monkeypatch.setattr(evaluation, "cpu_lacks_bf16", lambda: True)
+    monkeypatch.setattr(inference, "cpu_lacks_bf16", lambda: True)
     arguments = ["--model", str(output_dir), "--data_dir", str(DEMO_DATA), "--split", "val"]
     arguments += ["--max_samples", "2", "--num_workers", "0"]
-    with caplog.at_level(logging.WARNING, logger="segformer_hf.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="segformer_hf.inference"):
         evaluation.run_evaluation(evaluation.build_parser().parse_args(arguments))
         assert "without bf16 instructions" not in caplog.text  # float32 asked for: nothing to say
         results = evaluation.run_evaluation(evaluation.build_parser().parse_args([*arguments, "--bf16"]))

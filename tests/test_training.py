@@ -107,7 +107,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, ca
         device=torch.device("cpu"),
         mixed_precision="bf16",
     )
-    with caplog.at_level("WARNING", logger="segformer_hf.training"):
+    with caplog.at_level("WARNING", logger="segformer_hf.inference"):
         training.log_distribution(accelerator)
     warned = "without bf16 instructions" in caplog.text
     assert warned is not has_bf16
