@@ -256,6 +256,11 @@ class OptimizationArguments:
     per_device_eval_batch_size: int = _help("validation batch per process", default=1)
     gradient_accumulation_steps: int = _help("micro-batches per optimisation step", default=1)
     max_grad_norm: float | None = _help("clip the gradient norm to this; null: no clipping", default=None)
+    ema_decay: float | None = _help(
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999); validation, best/ "
+        "and the saved model then use the average; null: off",
+        default=None,
+    )
     mixed_precision: str = _help("no, fp16 or bf16", default="no")
     torch_compile: bool = _help(
         "compile the model with torch.compile before training; saved weights keep their names",
@@ -460,6 +465,10 @@ def _value_problems(config: TrainingConfig) -> list[str]:
             f"mixed_precision must be no|fp16|bf16: {config.mixed_precision}",
         ),
         (config.nan_policy in ("stop", "skip"), f"nan_policy must be stop|skip: {config.nan_policy}"),
+        (
+            config.ema_decay is None or 0 < config.ema_decay < 1,
+            f"ema_decay must be in (0, 1) or null, got {config.ema_decay}",
+        ),
         (
             config.augment_device in ("cpu", "cuda"),
             f"augment_device must be cpu|cuda: {config.augment_device}",

@@ -1,8 +1,12 @@
-"""The paper's optimisation recipe: AdamW with a 10x decoder learning rate, warm-up, polynomial decay."""
+"""The paper's optimisation recipe: AdamW with a 10x decoder learning rate, warm-up, polynomial decay; and
+the optional exponential moving average of the weights."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from .arguments import TrainingConfig
 
@@ -53,3 +57,40 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule as a LambdaLR; its state (a step count) is saved as JSON with the checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+
+
+def build_weight_average(
+    model: torch.nn.Module, config: TrainingConfig, device: torch.device
+) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights and buffers (None without `ema_decay`).
+
+    Its BatchNorm statistics are averaged too, so that they belong to the averaged weights rather than to
+    the last step's. The copy never needs gradients; `update_parameters(model)` after each update.
+    """
+    if config.ema_decay is None:
+        return None
+    average = AveragedModel(model, device=device, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True)
+    return average.requires_grad_(False)
+
+
+def ema_decay_at(update: int, decay: float) -> float:
+    """The decay used when the average already holds `update` updates: at most `decay`, and less at first
+    ((1 + n) / (10 + n)), so that the average forgets the random initialisation within tens of steps instead
+    of a thousand (the warm-up of TensorFlow's ExponentialMovingAverage)."""
+    return min(decay, (1.0 + update) / (10.0 + update))
+
+
+def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """`AveragedModel`'s multi_avg_fn: average <- d * average + (1 - d) * current, d = `ema_decay_at`.
+
+    Integer buffers (BatchNorm's batch counter) cannot be averaged: they take the current value.
+    """
+
+    @torch.no_grad()
+    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], updates: torch.Tensor) -> None:
+        if torch.is_floating_point(averages[0]):
+            torch._foreach_lerp_(averages, currents, 1.0 - ema_decay_at(int(updates), decay))
+        else:
+            torch._foreach_copy_(averages, currents)
+
+    return update

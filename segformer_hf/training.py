@@ -63,7 +63,7 @@ from .hub import push_to_hub, write_model_card
 from .inference import imagenet_normalization, predict_whole, warn_if_bf16_is_emulated
 from .metrics import create_metric
 from .modeling_segformer_hf import SegformerHFForSemanticSegmentation
-from .optimization import build_optimizer, build_scheduler
+from .optimization import build_optimizer, build_scheduler, build_weight_average
 from .visualization import resolve_palette, stack_panels, validation_panel
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class Run:
     step_loss: float = 0.0
     progress: Any = None
     device_augmentation: DeviceAugmentation | None = None  # augment_device cuda: finishes each batch
+    weight_average: torch.nn.Module | None = None  # ema_decay: the AveragedModel updated after each step
 
     @property
     def output_dir(self) -> Path:
@@ -155,6 +156,9 @@ def set_up(
     class_weights = seg_data.class_weights_for(config, train_dataset, len(id2label))
     model = (model_builder or build_model)(config, id2label, class_weights)
     lay_out_weights_as_gradients(model)
+    # Copied before compiling: the average is evaluated eagerly, and a copy of a compiled module would
+    # still call the original's compiled forward.
+    weight_average = build_weight_average(model, config, accelerator.device)
     if config.torch_compile:
         # In place (nn.Module.compile), not a wrapper: parameter names, and so checkpoints and saved
         # models, stay without an `_orig_mod.` prefix.
@@ -164,8 +168,10 @@ def set_up(
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     run = Run(
         config, accelerator, model, optimizer, scheduler, train_loader, train_transform, eval_loader, id2label,
-        num_train_samples=seg_data.num_samples(train_dataset),
+        num_train_samples=seg_data.num_samples(train_dataset), weight_average=weight_average,
     )  # fmt: skip
+    if weight_average is not None:
+        accelerator.register_for_checkpointing(weight_average)  # resumed with the rest of the state
     if config.augment_device != "cpu":
         if accelerator.device.type != config.augment_device:
             raise ValueError(
@@ -489,6 +495,9 @@ def optimization_step(run: Run, batch: dict[str, Any]) -> bool:
                 problem = f"Non-finite gradients (loss {loss.item():.4g})"
         if problem is None:
             run.optimizer.step()
+            if run.weight_average is not None and accelerator.sync_gradients:
+                if not accelerator.optimizer_step_was_skipped:  # fp16's scaler skips steps with inf gradients
+                    run.weight_average.update_parameters(accelerator.unwrap_model(run.model))
         else:
             handle_nonfinite(run, problem)
         if accelerator.sync_gradients:
@@ -571,16 +580,27 @@ def append_log(run: Run, record: dict[str, Any]) -> None:
             log_file.write(json.dumps(nan_to_none(record)) + "\n")
 
 
+def model_to_keep(run: Run) -> torch.nn.Module:
+    """What validation scores and `best/` and the output directory hold: the average of the weights with
+    ema_decay, else the trained weights."""
+    if run.weight_average is not None:
+        return run.weight_average.module
+    return run.accelerator.unwrap_model(run.model)
+
+
 def validation_metrics(run: Run) -> dict[str, Any]:
-    """Mean IoU of the current weights on the validation split, with the run's inference protocol."""
+    """Mean IoU of the kept weights on the validation split, with the run's inference protocol."""
+    # The trained model runs under the accelerator's mixed precision by itself; its average is a plain copy.
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.accelerator.mixed_precision)
     return evaluate_model(
-        run.model,
+        model_to_keep(run),
         run.eval_loader,
         len(run.id2label),
         run.config.ignore_index,
         run.config.inference_protocol(),
         accelerator=run.accelerator,
         metric_backend=run.config.metric_backend,
+        autocast_dtype=precision if run.weight_average is not None else None,
     )
 
 
@@ -593,19 +613,20 @@ def evaluate(run: Run) -> dict[str, Any]:
     per_class = {f"eval/iou_{run.id2label[i]}": v for i, v in enumerate(metrics["per_category_iou"])}
     accelerator.log({**scalars, **per_class}, step=state.global_step)
     logger.info(
-        "step %d: mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f",
+        "step %d: mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f%s",
         state.global_step,
         metrics["mean_iou"],
         metrics["mean_accuracy"],
         metrics["overall_accuracy"],
+        " (averaged weights)" if run.weight_average is not None else "",
     )
     if accelerator.is_main_process and (
         state.best_mean_iou is None or metrics["mean_iou"] > state.best_mean_iou
     ):
         # `best/` is what users ship: like a checkpoint, it never holds non-finite weights.
-        if bool(weights_are_finite(run.model)):
+        if bool(weights_are_finite(model_to_keep(run))):
             state.best_mean_iou, state.best_step = float(metrics["mean_iou"]), state.global_step
-            save_model_files(accelerator.unwrap_model(run.model), run.output_dir / "best", config)
+            save_model_files(model_to_keep(run), run.output_dir / "best", config)
         else:
             logger.warning("Non-finite weights at step %d: best/ is not replaced", state.global_step)
     log_validation_images(run)
@@ -648,7 +669,7 @@ def log_validation_images(run: Run) -> None:
     accelerator, count = run.accelerator, run.config.num_log_images
     if count <= 0 or not accelerator.trackers or not accelerator.is_main_process:
         return
-    network = accelerator.unwrap_model(run.model)
+    network = model_to_keep(run)
     palette = resolve_palette(len(run.id2label), config=network.config)
     panels = [
         validation_panel(rgb, truth, prediction, palette)
@@ -727,7 +748,7 @@ def finish(run: Run) -> dict[str, Any]:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model_files(accelerator.unwrap_model(run.model), run.output_dir, config)
+        save_model_files(model_to_keep(run), run.output_dir, config)
         write_json_atomic(run.output_dir / "all_results.json", results)
         write_model_card(run.output_dir)
         print_summary(results, run.id2label)

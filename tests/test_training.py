@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEMO_DATA, REPO_ROOT, accelerate_launch
+from safetensors.torch import load_file
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
 from segformer_hf.arguments import TrainingConfig, load_config, parse_args
@@ -75,6 +76,7 @@ def test_unknown_config_keys_are_errors_not_ignored(tmp_path):
         ({"eval_mode": "slide", "eval_stride": [600, 600], "crop_size": [512, 512]}, "eval_stride"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"learning_rate": "fast"}, "learning_rate"),
+        ({"ema_decay": 1.0}, "ema_decay"),
     ],
 )
 def test_impossible_values_are_rejected_before_any_work(override, message):
@@ -387,6 +389,45 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path):
             got[step],
             expected[step],
         )
+
+
+def test_ema_run_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path):
+    """With ema_decay the saved model is the average of the weights each step left (recomputed here from the
+    definition out of every step's checkpoint), and a run resumed mid-way ends with the same average."""
+    decay = 0.3  # reached at the third update: both the warm-up and the plain decay are checked
+    common = [*SMALL_RUN, "--max_train_steps", "6", "--eval_steps", "3", "--checkpointing_steps", "1",
+              "--checkpoints_total_limit", "10", "--ema_decay", str(decay)]  # fmt: skip
+    full = tmp_path / "full"
+    result = _launch([*common, "--output_dir", str(full)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(averaged weights)" in result.stderr
+    steps = [load_file(path / "model.safetensors") for path in list_checkpoints(full)]
+    assert len(steps) == 6
+    expected = dict(steps[0])
+    for updates, weights in enumerate(steps[1:], start=1):
+        step_decay = min(decay, (1 + updates) / (10 + updates))
+        for name, value in weights.items():
+            if value.is_floating_point():
+                expected[name] = step_decay * expected[name] + (1 - step_decay) * value
+            else:
+                expected[name] = value
+    saved = load_file(full / "model.safetensors")
+    assert saved.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # The average is not the last weights: what is checked above is not a copy.
+    assert not torch.allclose(
+        saved["decode_head.classifier.weight"], steps[-1]["decode_head.classifier.weight"]
+    )
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    result = _launch([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed_weights = load_file(resumed / "model.safetensors")
+    for name, value in saved.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_kill_9_leaves_the_last_checkpoint_intact_and_resume_latest_continues(tmp_path):
