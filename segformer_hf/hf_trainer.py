@@ -15,21 +15,28 @@ that route needs from the package:
   so evaluation never holds the (N, K, H, W) logits of the split;
 - `mean_iou_metrics(num_labels, ignore_index)`: a `compute_metrics` backed by the streaming
   `metrics.MeanIoU`. With `batch_eval_metrics=True` it is fed batch by batch and nothing is accumulated
-  at all; without it, Trainer concatenates the label maps (padding with -100, which is ignored here).
+  at all; without it, Trainer concatenates the label maps (padding with -100, which is ignored here);
+- `SignalSafeTrainer`: a `Trainer` that stops as `segformer-hf train` does when SIGTERM or Ctrl-C reaches
+  the process group (Slurm, Kubernetes, `timeout`): it saves a checkpoint at the end of the step and
+  returns from `train()`, while its DataLoader workers ignore the group's signal. A plain Trainer dies at
+  once (its workers too) and loses everything since its last save.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, TrainerCallback
+from torch.utils.data import DataLoader
+from transformers import EvalPrediction, Trainer, TrainerCallback
 
 from . import data as seg_data
+from .checkpointing import InterruptFlag
 from .inference import scores_to_labels
 from .metrics import MeanIoU, _results_from_confusion
 
@@ -101,6 +108,95 @@ class AugmentationEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.transform.set_epoch(int(state.epoch or 0))
+
+
+class SignalSafeTrainer(Trainer):
+    """`Trainer` that saves a checkpoint and stops on SIGTERM or Ctrl-C instead of dying mid-step.
+
+    Signals usually reach the whole process group. The main process turns them into a stop at the end of
+    the step, with a checkpoint (`stop_on_signal`, a `SaveAndStopOnSignalCallback`); the DataLoader
+    workers (training and evaluation) ignore them, as `segformer-hf train`'s do (`data.worker_process_options`):
+    a worker killed by the signal would crash the main process before it could save. After `train()`,
+    `stop_on_signal.interrupted_by` names the signal, or is None.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_on_signal = SaveAndStopOnSignalCallback()
+        self.add_callback(self.stop_on_signal)
+
+    def get_train_dataloader(self) -> DataLoader:
+        return with_signal_safe_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        return with_signal_safe_workers(super().get_eval_dataloader(eval_dataset))
+
+    def get_test_dataloader(self, test_dataset: Any) -> DataLoader:
+        return with_signal_safe_workers(super().get_test_dataloader(test_dataset))
+
+
+def with_signal_safe_workers(loader: DataLoader) -> DataLoader:
+    """Gives a DataLoader (not yet iterated) the package's worker signal contract; returns it."""
+    # accelerate's prepared loaders iterate the DataLoader they wrap: the settings must go there.
+    workers_loader = getattr(loader, "base_dataloader", loader)
+    if workers_loader.num_workers == 0 or getattr(workers_loader, "_signal_safe_workers", False):
+        return loader
+    options = seg_data.worker_process_options(workers_loader.num_workers)
+    if workers_loader.worker_init_fn is None:
+        workers_loader.worker_init_fn = options["worker_init_fn"]
+    else:  # Trainer seeds its training workers: keep that, then take the signals
+        workers_loader.worker_init_fn = partial(
+            _both_worker_inits, workers_loader.worker_init_fn, options["worker_init_fn"]
+        )
+    if "multiprocessing_context" in options and workers_loader.multiprocessing_context is None:
+        workers_loader.multiprocessing_context = options["multiprocessing_context"]
+    workers_loader._signal_safe_workers = True
+    return loader
+
+
+def _both_worker_inits(first: Callable[[int], None], second: Callable[[int], None], worker_id: int) -> None:
+    first(worker_id)
+    second(worker_id)
+
+
+class SaveAndStopOnSignalCallback(TrainerCallback):
+    """SIGINT/SIGTERM during `trainer.train()`: save a checkpoint at the end of the current step, then stop.
+
+    `SignalSafeTrainer` adds it (with DataLoader workers that survive the signal; a plain Trainer with
+    `dataloader_num_workers` > 0 would lose its workers to it). In a distributed run the processes agree
+    after every step, so that all of them save the same step. Afterwards `interrupted_by` names the signal:
+    skip the final evaluation, and continue later with `trainer.train(resume_from_checkpoint=True)`. A
+    second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted_by: str | None = None
+        self._flag: InterruptFlag | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.interrupted_by = None
+        self._flag = InterruptFlag().__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._flag is not None and _raised_on_any_process(self._flag.raised, args.device):
+            self.interrupted_by = self._flag.signal_name or "signal on another process"
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._flag is not None:
+            self._flag.__exit__(None, None, None)
+            self._flag = None
+
+
+def _raised_on_any_process(raised: bool, device: torch.device) -> bool:
+    """Whether any process got the signal (a signal may reach the processes at different steps)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
+        return raised
+    votes = torch.tensor([1.0 if raised else 0.0], device=device)
+    torch.distributed.all_reduce(votes)
+    return bool(votes.item() > 0)
 
 
 def preprocess_logits_for_metrics(

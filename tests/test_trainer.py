@@ -1,7 +1,14 @@
 """transformers' Trainer route: a few steps on the demo data, evaluated to the same mean IoU as the package's own
 evaluation engine, never holding the split's logits, then saved and loaded back."""
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +188,65 @@ SMALL_DEMO = {
     "per_device_eval_batch_size": 2,
     "dataloader_num_workers": 0,
 }
+
+
+def test_sigterm_to_the_process_group_saves_a_trainer_checkpoint_that_resumes(tmp_path):
+    """The documented snippet with 2 DataLoader workers, stopped as Slurm, Kubernetes or `timeout` stop a job
+    (SIGTERM to the whole process group): it saves checkpoint-N, exits cleanly, and continues from there."""
+    section = (REPO_ROOT / "docs" / "training.md").read_text().split("## With transformers' Trainer", 1)[1]
+    [snippet] = re.findall(r"```python\n(.*?)\n```", section.split("\n## ", 1)[0], flags=re.S)
+    long_run = {**SMALL_DEMO, "max_train_steps": 60, "eval_steps": 1000, "dataloader_num_workers": 2}
+    script = tmp_path / "train_with_trainer.py"
+    script.write_text(snippet.replace('load_config("demo")', f'load_config("demo", {long_run!r})'))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        start_new_session=True,  # its own process group, like a job's
+    )
+    try:
+        _wait_for_children(process.pid, 2, timeout=120)  # the workers exist: training is under way
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr[-3000:]
+    output_dir = tmp_path / "outputs" / "trainer-demo"
+    [checkpoint] = output_dir.glob("checkpoint-*")
+    saved_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    assert 0 < saved_step < 60 and checkpoint.name == f"checkpoint-{saved_step}"
+    assert not (output_dir / "model.safetensors").exists(), "an interrupted run skips the final save"
+
+    script.write_text(
+        script.read_text().replace("trainer.train()", "trainer.train(resume_from_checkpoint=True)")
+    )
+    resumed = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**environment, "TRANSFORMERS_VERBOSITY": "info"},  # Trainer tells where it resumes at INFO
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(
+        rf"Resuming training from checkpoint with epoch \d+ and global step {saved_step}\b", resumed.stderr
+    )
+    assert SegformerHFForSemanticSegmentation.from_pretrained(output_dir).config.num_labels == 11
+
+
+def _wait_for_children(pid: int, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(children) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"process {pid} did not start {count} DataLoader workers within {timeout} s")
