@@ -581,8 +581,8 @@ def append_log(run: Run, record: dict[str, Any]) -> None:
 
 
 def model_to_keep(run: Run) -> torch.nn.Module:
-    """What validation scores and `best/` and the output directory hold: the average of the weights with
-    ema_decay, else the trained weights."""
+    """The weights that validation scores and that `best/` and the output directory hold: their moving
+    average with ema_decay, else the trained weights themselves."""
     if run.weight_average is not None:
         return run.weight_average.module
     return run.accelerator.unwrap_model(run.model)
