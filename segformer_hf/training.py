@@ -92,6 +92,7 @@ class Run:
     progress: Any = None
     device_augmentation: DeviceAugmentation | None = None  # augment_device cuda: finishes each batch
     weight_average: torch.nn.Module | None = None  # ema_decay: the AveragedModel updated after each step
+    losses_finite: torch.Tensor | None = None  # whether this step's micro-batch losses so far were finite
 
     @property
     def output_dir(self) -> Path:
@@ -479,48 +480,71 @@ def training_batches(run: Run) -> Iterator[dict[str, Any]]:
 def optimization_step(run: Run, batch: dict[str, Any]) -> bool:
     """Forward, backward and (on the last micro-batch) the update, under the NaN policy.
 
+    Every process computes its backward pass, even for a non-finite loss (they all take part in the
+    gradient all-reduce); then they decide together, in one collective per step, whether to update
+    (`agreed_step_outcome`). On a GPU that is also the step's one synchronisation with the host.
     Returns whether an optimisation step was completed (False for a gradient-accumulation micro-step).
     """
     accelerator, state = run.accelerator, run.state
     state.skipped_samples += int(batch.get("num_skipped", 0))
     with accelerator.accumulate(run.model):
         loss = run.model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        accelerator.backward(loss)
+        finite = torch.isfinite(loss.detach()).all()
+        run.losses_finite = finite if run.losses_finite is None else run.losses_finite & finite
+        if not accelerator.sync_gradients:
+            return False
+        run.step_loss, losses_finite, gradients_finite = agreed_step_outcome(run, loss, run.losses_finite)
+        run.losses_finite = None
         problem = None
-        if not all_processes_agree(accelerator, torch.isfinite(loss.detach()).all()):
-            problem = f"Non-finite loss ({loss.item()})"
-        else:
-            accelerator.backward(loss)
-            # A finite loss can still have non-finite gradients (they are what would break the weights).
-            if accelerator.sync_gradients and not all_processes_agree(accelerator, gradients_are_finite(run)):
-                problem = f"Non-finite gradients (loss {loss.item():.4g})"
+        if not losses_finite:
+            problem = f"Non-finite loss ({run.step_loss})"
+        elif (
+            not gradients_finite
+        ):  # a finite loss can still have non-finite gradients, which break the weights
+            problem = f"Non-finite gradients (loss {run.step_loss:.4g})"
         if problem is None:
             run.optimizer.step()
-            if run.weight_average is not None and accelerator.sync_gradients:
-                if not accelerator.optimizer_step_was_skipped:  # fp16's scaler skips steps with inf gradients
-                    run.weight_average.update_parameters(accelerator.unwrap_model(run.model))
+            if run.weight_average is not None and not accelerator.optimizer_step_was_skipped:
+                # (fp16's gradient scaler skips steps with inf gradients by itself)
+                run.weight_average.update_parameters(accelerator.unwrap_model(run.model))
         else:
             handle_nonfinite(run, problem)
-        if accelerator.sync_gradients:
-            run.scheduler.step()
+        run.scheduler.step()
         run.optimizer.zero_grad()
-    if not accelerator.sync_gradients:
-        return False
     state.global_step += 1
-    run.step_loss = accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").item()
     if problem is None:
         state.loss_sum += run.step_loss
         state.loss_count += 1
     return True
 
 
-def gradients_are_finite(run: Run) -> torch.Tensor:
-    """Clips the gradients to max_grad_norm (when set) and tells whether their total norm is finite."""
+def agreed_step_outcome(
+    run: Run, loss: torch.Tensor, losses_finite: torch.Tensor
+) -> tuple[float, bool, bool]:
+    """(the last micro-batch's loss averaged over processes, whether every process's losses of this step
+    were finite, whether the gradients are), in one collective; clips the gradients to max_grad_norm.
+
+    All processes must take the same decision: one that skipped an update the others made would train
+    other weights from then on.
+    """
     parameters = [p for p in run.model.parameters() if p.grad is not None]
     if run.config.max_grad_norm:
         norm = run.accelerator.clip_grad_norm_(parameters, run.config.max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    return torch.isfinite(norm)
+    device = run.accelerator.device
+    votes = torch.stack(
+        [
+            loss.detach().float().reshape(()).to(device),
+            (~losses_finite).float().reshape(()).to(device),
+            (~torch.isfinite(norm)).float().reshape(()).to(device),
+        ]
+    )
+    if run.accelerator.num_processes > 1:
+        votes = run.accelerator.reduce(votes, reduction="sum")
+    loss_sum, nonfinite_losses, nonfinite_gradients = votes.tolist()
+    return loss_sum / run.accelerator.num_processes, nonfinite_losses == 0, nonfinite_gradients == 0
 
 
 def all_processes_agree(accelerator: Accelerator, holds: torch.Tensor) -> bool:

@@ -173,6 +173,24 @@ def test_non_finite_gradients_are_skipped_under_nan_policy_skip(tmp_path):
     assert any(not torch.equal(p, before[name]) for name, p in run.model.named_parameters())
 
 
+def test_a_non_finite_loss_in_one_micro_batch_skips_the_whole_accumulated_update(tmp_path):
+    run = _small_run(tmp_path, "--nan_policy", "skip", "--gradient_accumulation_steps", "2")
+    batches = training_batches(run)
+    poisoned, clean = next(batches), next(batches)
+    poisoned["pixel_values"] = poisoned["pixel_values"].clone()
+    poisoned["pixel_values"][0, 0, 0, 0] = float("nan")
+    before = {name: parameter.detach().clone() for name, parameter in run.model.named_parameters()}
+    assert not optimization_step(run, poisoned), "a micro-batch is not a step"
+    assert optimization_step(run, clean)
+    assert (run.state.global_step, run.state.skipped_nonfinite_steps) == (1, 1)
+    for name, parameter in run.model.named_parameters():
+        assert torch.equal(parameter, before[name]), f"{name} was updated with a NaN micro-batch in the step"
+    # The poisoned gradients were dropped with the update: the next step trains normally.
+    assert not optimization_step(run, next(batches)) and optimization_step(run, next(batches))
+    assert run.state.skipped_nonfinite_steps == 1 and math.isfinite(run.step_loss)
+    assert any(not torch.equal(p, before[name]) for name, p in run.model.named_parameters())
+
+
 def test_non_finite_gradients_stop_the_run_naming_a_checkpoint_with_finite_weights(tmp_path):
     run = _small_run(tmp_path, "--nan_policy", "stop")
     batches = training_batches(run)
