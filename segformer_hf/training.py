@@ -499,9 +499,7 @@ def optimization_step(run: Run, batch: dict[str, Any]) -> bool:
         problem = None
         if not losses_finite:
             problem = f"Non-finite loss ({run.step_loss})"
-        elif (
-            not gradients_finite
-        ):  # a finite loss can still have non-finite gradients, which break the weights
+        elif not gradients_finite:  # a finite loss can still have non-finite gradients
             problem = f"Non-finite gradients (loss {run.step_loss:.4g})"
         if problem is None:
             run.optimizer.step()
