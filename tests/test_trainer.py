@@ -2,6 +2,7 @@
 evaluation engine, never holding the split's logits, then saved and loaded back."""
 
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -15,13 +16,20 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import seed_worker
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
 from segformer_hf.arguments import load_config
-from segformer_hf.data import eval_dataloader_for, load_training_data
+from segformer_hf.data import (
+    SignalSafeForkContext,
+    eval_dataloader_for,
+    ignore_termination_signals,
+    load_training_data,
+)
 from segformer_hf.evaluation import evaluate_model
 from segformer_hf.hf_trainer import (
     AugmentationEpochCallback,
+    SignalSafeTrainer,
     data_collator,
     mean_iou_metrics,
     preprocess_logits_for_metrics,
@@ -250,3 +258,35 @@ def _wait_for_children(pid: int, count: int, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"process {pid} did not start {count} DataLoader workers within {timeout} s")
+
+
+def test_every_loader_of_the_signal_safe_trainer_gets_the_worker_signal_contract(tmp_path, config):
+    """Training, evaluation and prediction loaders: the signals are taken in the loader accelerate iterates,
+    after Trainer's own seeding of the training workers; a loader without workers is left alone."""
+    data = trainer_datasets(config)
+    model = SegformerHFForSemanticSegmentation(SegformerHFConfig.from_variant("b0", num_labels=11))
+    arguments = _arguments(tmp_path / "trainer", batch_eval_metrics=True)
+    arguments.dataloader_num_workers = 2
+    trainer = SignalSafeTrainer(
+        model=model, args=arguments, train_dataset=data.train, eval_dataset=data.validation,
+        data_collator=data_collator,
+    )  # fmt: skip
+    forked = multiprocessing.get_start_method(allow_none=True) in (None, "fork")
+    loaders = {
+        "train": trainer.get_train_dataloader(),
+        "eval": trainer.get_eval_dataloader(),
+        "test": trainer.get_test_dataloader(data.validation),
+    }
+    for name, prepared in loaders.items():
+        loader = prepared.base_dataloader
+        init = loader.worker_init_fn
+        if name == "train":  # Trainer seeds its training workers first; that stays
+            assert init.args[0].func is seed_worker and init.args[1] is ignore_termination_signals, name
+        else:
+            assert init is ignore_termination_signals, name
+        assert isinstance(loader.multiprocessing_context, SignalSafeForkContext) == forked, name
+    assert trainer.stop_on_signal in trainer.callback_handler.callbacks
+
+    arguments.dataloader_num_workers = 0
+    without_workers = trainer.get_eval_dataloader().base_dataloader
+    assert without_workers.worker_init_fn is None and without_workers.multiprocessing_context is None
