@@ -100,6 +100,7 @@ _CARD_TRAINING_KEYS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "mixed_precision",
+    "ema_decay",  # set: the saved weights are the moving average, not the last step's
     "eval_mode",
     "seed",
 )

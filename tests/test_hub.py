@@ -407,6 +407,12 @@ def test_null_per_class_iou_reads_as_not_available(run, tmp_path):
     assert "| road | n/a | 0.5000 |" in text and "| sky | 0.5000 | n/a |" in text
 
 
+def test_card_says_when_the_weights_are_a_moving_average(run, tmp_path):
+    assert "| ema_decay |" not in build_model_card(run.directory).text
+    averaged = build_model_card(_copy_run(run, tmp_path, ema_decay=0.995)).text
+    assert "| ema_decay | 0.995 |" in averaged.split("<details>")[0], "in the table, not only in the YAML"
+
+
 def test_write_model_card_replaces_readme_in_one_step(run, tmp_path, monkeypatch):
     directory = _copy_run(run, tmp_path)
     (directory / "README.md").write_text("previous card")
