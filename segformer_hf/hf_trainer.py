@@ -125,6 +125,14 @@ class SignalSafeTrainer(Trainer):
         self.stop_on_signal = SaveAndStopOnSignalCallback()
         self.add_callback(self.stop_on_signal)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # Trainer skips on_train_end when training raises: the usual handlers come back here anyway, or
+            # the next Ctrl-C (in a notebook, say) would only raise a flag nobody reads.
+            self.stop_on_signal.stop_listening()
+
     def get_train_dataloader(self) -> DataLoader:
         return with_signal_safe_workers(super().get_train_dataloader())
 
@@ -166,7 +174,8 @@ class SaveAndStopOnSignalCallback(TrainerCallback):
     `dataloader_num_workers` > 0 would lose its workers to it). In a distributed run the processes agree
     after every step, so that all of them save the same step. Afterwards `interrupted_by` names the signal:
     skip the final evaluation, and continue later with `trainer.train(resume_from_checkpoint=True)`. A
-    second Ctrl-C stops at once.
+    second Ctrl-C stops at once. Alone, with a plain Trainer, the signal handlers stay installed after a
+    `train()` that raised (Trainer then skips `on_train_end`); `SignalSafeTrainer` removes them either way.
     """
 
     def __init__(self) -> None:
@@ -184,6 +193,10 @@ class SaveAndStopOnSignalCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop_listening()
+
+    def stop_listening(self) -> None:
+        """Puts the signal handlers from before `train()` back (nothing if they are back already)."""
         if self._flag is not None:
             self._flag.__exit__(None, None, None)
             self._flag = None

@@ -290,3 +290,21 @@ def test_every_loader_of_the_signal_safe_trainer_gets_the_worker_signal_contract
     arguments.dataloader_num_workers = 0
     without_workers = trainer.get_eval_dataloader().base_dataloader
     assert without_workers.worker_init_fn is None and without_workers.multiprocessing_context is None
+
+
+def test_signal_handlers_are_restored_when_training_raises(tmp_path, config):
+    """Trainer skips on_train_end when train() raises: Ctrl-C must still interrupt afterwards."""
+    data = trainer_datasets(config)
+    model = SegformerHFForSemanticSegmentation(SegformerHFConfig.from_variant("b0", num_labels=11))
+
+    def broken_collator(samples):
+        raise RuntimeError("broken batch")
+
+    trainer = SignalSafeTrainer(
+        model=model, args=_arguments(tmp_path / "trainer", batch_eval_metrics=True),
+        train_dataset=data.train, data_collator=broken_collator,
+    )  # fmt: skip
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="broken batch"):
+        trainer.train()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
