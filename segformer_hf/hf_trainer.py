@@ -19,14 +19,19 @@ that route needs from the package:
 - `SignalSafeTrainer`: a `Trainer` that stops as `segformer-hf train` does when SIGTERM or Ctrl-C reaches
   the process group (Slurm, Kubernetes, `timeout`): it saves a checkpoint at the end of the step and
   returns from `train()`, while its DataLoader workers ignore the group's signal. A plain Trainer dies at
-  once (its workers too) and loses everything since its last save.
+  once (its workers too) and loses everything since its last save. `train(resume_from_checkpoint=True)`
+  continues from the newest checkpoint whose save was complete.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -34,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import data as seg_data
 from .checkpointing import InterruptFlag
@@ -42,6 +49,8 @@ from .metrics import MeanIoU, _results_from_confusion
 
 if TYPE_CHECKING:
     from .arguments import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 # What Trainer pads label maps and predictions with when it concatenates or gathers them.
 TRAINER_PAD_INDEX = -100
@@ -125,9 +134,17 @@ class SignalSafeTrainer(Trainer):
         self.stop_on_signal = SaveAndStopOnSignalCallback()
         self.add_callback(self.stop_on_signal)
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint.
+
+        Trainer writes a checkpoint's files in place, `trainer_state.json` last: a job killed while saving
+        (SIGKILL after the grace period) leaves a newest `checkpoint-N` that Trainer would pick and fail to
+        load. Such a folder is passed over, with a warning naming it.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             # Trainer skips on_train_end when training raises: the usual handlers come back here anyway, or
             # the next Ctrl-C (in a notebook, say) would only raise a flag nobody reads.
@@ -141,6 +158,35 @@ class SignalSafeTrainer(Trainer):
 
     def get_test_dataloader(self, test_dataset: Any) -> DataLoader:
         return with_signal_safe_workers(super().get_test_dataloader(test_dataset))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` whose `trainer_state.json` (written last) reads back.
+
+    Newer folders without it are named in a warning: a save that was cut off. None when there is no complete
+    checkpoint (Trainer then raises its own error).
+    """
+    folders = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if path.is_dir() and step.isdigit():
+            folders.append((int(step), path))
+    incomplete = []
+    for _, path in sorted(folders, reverse=True):
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())["global_step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            incomplete.append(path.name)
+            continue
+        if incomplete:
+            logger.warning(
+                "Resuming from %s: the newer %s lack a readable %s (a save that was cut off)",
+                path.name,
+                ", ".join(incomplete),
+                TRAINER_STATE_NAME,
+            )
+        return str(path)
+    return None
 
 
 def with_signal_safe_workers(loader: DataLoader) -> DataLoader:

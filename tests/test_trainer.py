@@ -2,6 +2,7 @@
 evaluation engine, never holding the split's logits, then saved and loaded back."""
 
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
 from segformer_hf import SegformerHFConfig, SegformerHFForSemanticSegmentation
@@ -308,3 +309,46 @@ def test_signal_handlers_are_restored_when_training_raises(tmp_path, config):
     with pytest.raises(RuntimeError, match="broken batch"):
         trainer.train()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_resume_true_passes_over_a_checkpoint_whose_save_was_cut_off(tmp_path, config, caplog):
+    """A job killed while Trainer wrote checkpoint-N leaves it without trainer_state.json (written last):
+    resume_from_checkpoint=True must continue from the newest complete one instead of failing on it."""
+    data = trainer_datasets(config)
+    arguments = _arguments(tmp_path / "trainer", batch_eval_metrics=True)
+    arguments.save_strategy, arguments.save_steps, arguments.max_steps = "steps", 1, 2
+
+    class StartingStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.step = state.global_step
+
+    def model() -> SegformerHFForSemanticSegmentation:
+        return SegformerHFForSemanticSegmentation(
+            SegformerHFConfig.from_variant(
+                "b0", num_labels=11, semantic_loss_ignore_index=config.ignore_index
+            )
+        )
+
+    def trainer() -> SignalSafeTrainer:
+        return SignalSafeTrainer(
+            model=model(), args=arguments, train_dataset=data.train, data_collator=data_collator
+        )
+
+    trainer().train()
+    output_dir = tmp_path / "trainer"
+    (output_dir / "checkpoint-2" / "trainer_state.json").unlink()  # the save of step 2 was cut off
+    with pytest.raises(FileNotFoundError):  # what a plain Trainer does with it
+        Trainer(model=model(), args=arguments, train_dataset=data.train, data_collator=data_collator).train(
+            resume_from_checkpoint=True
+        )
+
+    arguments.max_steps = 3
+    resumed, starting = trainer(), StartingStep()
+    resumed.add_callback(starting)
+    with caplog.at_level(logging.WARNING, logger="segformer_hf.hf_trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert starting.step == 1
+    assert (
+        "Resuming from checkpoint-1: the newer checkpoint-2 lack a readable trainer_state.json" in caplog.text
+    )
+    assert resumed.state.global_step == 3
