@@ -64,10 +64,10 @@ def recipe_config(args: argparse.Namespace, path: str, workers: int) -> Any:
 
 
 def loader_rate(
-    config: Any, dataset: Any, num_labels: int, batches: int, device: torch.device
+    config: Any, dataset: Any, id2label: dict[int, str], batches: int, device: torch.device
 ) -> dict[str, float]:
     """Samples per second of the training loader (and, for augment_device cuda, the device half)."""
-    loader, transform = seg_data.train_dataloader_for(config, dataset, num_labels)
+    loader, transform = seg_data.train_dataloader_for(config, dataset, id2label)
     finish = (
         DeviceAugmentation(config.crop_size, config.ignore_index) if config.augment_device != "cpu" else None
     )
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [header, "-" * len(header)]
     for path in args.paths:
         for workers in args.workers:
-            rate = loader_rate(recipe_config(args, path, workers), train, len(id2label), args.batches, device)
+            rate = loader_rate(recipe_config(args, path, workers), train, id2label, args.batches, device)
             lines.append(
                 f"{path:<6}{workers:>8}{rate['first_batch_s']:>15.2f}{rate['samples_per_second']:>18.2f}"
                 f"{rate['samples_per_second'] / step_rate:>16.2f}"

@@ -199,6 +199,15 @@ class AugmentationArguments:
     photometric_distortion: bool = _help(
         "brightness, contrast, saturation and hue jitter as in mmseg", default=True
     )
+    copy_paste_classes: list[str] | None = _help(
+        "classes (names or ids) whose pixels are copied from another training frame that holds them onto a "
+        "frame, at the same place, before the resize and crop (ClassMix-style copy-paste: thin rare classes "
+        "such as poles and signs seen in front of many backgrounds); map-style data only",
+        default=None,
+    )
+    copy_paste_prob: float = _help(
+        "with copy_paste_classes: probability that a training frame gets a donor frame's pixels", default=0.5
+    )
     augment_device: str = _help(
         "cpu: DataLoader workers run the whole augmentation (numpy); cuda: workers only decode and draw, "
         "and the batch is resized, cropped, flipped, distorted and normalised on the GPU in torch "
@@ -460,6 +469,11 @@ def _value_problems(config: TrainingConfig) -> list[str]:
         ),
         (0 < config.cat_max_ratio <= 1, f"cat_max_ratio must be in (0, 1]: {config.cat_max_ratio}"),
         (0 <= config.flip_prob <= 1, f"flip_prob must be in [0, 1]: {config.flip_prob}"),
+        (0 < config.copy_paste_prob <= 1, f"copy_paste_prob must be in (0, 1]: {config.copy_paste_prob}"),
+        (
+            not (config.copy_paste_classes and config.streaming),
+            "copy_paste_classes draws donor frames by index, which a stream cannot give: use map-style data",
+        ),
         (
             config.mixed_precision in ("no", "fp16", "bf16"),
             f"mixed_precision must be no|fp16|bf16: {config.mixed_precision}",

@@ -8,10 +8,10 @@ sample, instead of failing somewhere inside `datasets` with no hint of which fil
 
 The training transform is the mmsegmentation pipeline the SegFormer paper trained with (resize with
 a random ratio, crop with a limit on the share of one class, flip, photometric distortion, ImageNet
-normalisation, pad). Every random draw for a sample comes from one generator seeded with
-`(seed, epoch, sample_index)`, so a sample's augmentation does not depend on the number of workers
-or processes, nor on any global random state: an interrupted run resumes with exactly the batches
-it would have seen.
+normalisation, pad); optionally, before it, copy-paste of chosen classes from another frame. Every random
+draw for a sample comes from generators seeded with `(seed, epoch, sample_index)` (copy-paste's with a stream
+number added), so a sample's augmentation does not depend on the number of workers or processes, nor on any
+global random state: an interrupted run resumes with exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import multiprocessing.context
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -925,6 +926,96 @@ class _SampleDecoding:
         )
 
 
+# Copy-paste of chosen classes ----------------------------------------------------------------------------
+
+# The stream number that separates copy-paste's draws from the rest of a sample's augmentation draws.
+COPY_PASTE_STREAM = 1
+
+
+@dataclass(frozen=True)
+class CopyPaste:
+    """Copy-paste augmentation: some classes' pixels of another training frame pasted over a frame.
+
+    Thin, rare classes (CamVid's poles and signs) are learnt from few contexts: a from-scratch model
+    learns "thin thing in front of a building" as Building. Pasting them, at the place they had in
+    their own frame, in front of another frame's content shows them against many backgrounds (the
+    ClassMix of Olsson et al. 2021, limited to chosen classes). With `probability` a frame gets the
+    `class_ids` pixels of a donor drawn uniformly from `donors`, the training frames that hold at least
+    one of them (`donor_frames`), before the resize, crop and flip.
+    """
+
+    class_ids: tuple[int, ...]
+    probability: float
+    donors: datasets.Dataset
+
+    def __post_init__(self) -> None:
+        if not self.class_ids:
+            raise ValueError("copy-paste needs at least one class")
+        if not 0 < self.probability <= 1:
+            raise ValueError(f"copy_paste_prob must be in (0, 1], got {self.probability}")
+        if len(self.donors) == 0:
+            raise ValueError("copy-paste needs at least one donor frame")
+
+
+def paste_classes(
+    image: np.ndarray,
+    label: np.ndarray,
+    donor_image: np.ndarray,
+    donor_label: np.ndarray,
+    class_ids: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`image` and `label` with the donor's pixels of `class_ids` put in their place, at the same position.
+
+    A donor of another size is first resized to the frame's (bilinear image, nearest-neighbour label), so
+    that an object keeps its place relative to the frame (a pole stays on the ground, a sign at its height).
+    """
+    if donor_label.shape != label.shape:
+        donor_image = resize_image(donor_image, label.shape)
+        donor_label = resize_label(donor_label, label.shape)
+    pasted = np.isin(donor_label, class_ids)
+    image, label = image.copy(), label.copy()
+    image[pasted] = donor_image[pasted]
+    label[pasted] = donor_label[pasted]
+    return image, label
+
+
+def donor_frames(
+    dataset: datasets.Dataset,
+    class_ids: Sequence[int],
+    *,
+    ignore_index: int = 255,
+    reduce_labels: bool = False,
+    skip_bad_samples: bool = False,
+) -> datasets.Dataset:
+    """The frames of `dataset` whose label maps hold at least one pixel of `class_ids` (one pass over the labels).
+
+    Raises:
+        BadSampleError: an unreadable label map (without `skip_bad_samples`, which leaves it out instead).
+        ValueError: no frame holds any of the classes (there would be nothing to paste).
+    """
+    holding = []
+    for index in range(len(dataset)):
+        row = dataset[index]
+        where = f"Sample {index} ({row.get('sample_id', index)})"
+        try:
+            label = _label_to_ids(_decode(row["label"], where, "label map"), where)
+        except BadSampleError as error:
+            if not skip_bad_samples:
+                raise
+            logger.warning("Not a copy-paste donor: %s", error)
+            continue
+        if reduce_labels:
+            label = _reduce_labels(label, ignore_index)
+        if np.isin(label, class_ids).any():
+            holding.append(index)
+    if not holding:
+        raise ValueError(
+            f"copy_paste_classes: none of the {len(dataset)} training frames holds a pixel of the classes "
+            f"{list(class_ids)}, so there is nothing to paste"
+        )
+    return dataset.select(holding)
+
+
 @dataclass(frozen=True)
 class AugmentationDraws:
     """Every random choice of one sample's training augmentation (see `SegmentationTrainTransform.draw`)."""
@@ -965,6 +1056,7 @@ class SegmentationTrainTransform(_SampleDecoding):
         num_labels: int,
         seed: int = 0,
         skip_bad_samples: bool = False,
+        copy_paste: CopyPaste | None = None,
     ) -> None:
         self.crop_size = _checked_pair(crop_size, "crop_size")
         self.img_scale = _checked_pair(img_scale, "img_scale")
@@ -986,6 +1078,7 @@ class SegmentationTrainTransform(_SampleDecoding):
         self.num_labels = int(num_labels)
         self.seed = int(seed)
         self.skip_bad_samples = bool(skip_bad_samples)
+        self.copy_paste = copy_paste
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -1000,6 +1093,8 @@ class SegmentationTrainTransform(_SampleDecoding):
         for image, label, sample_id, sample_index in _rows(batch):
             try:
                 image_array, label_array = self.decode(image, label, sample_id, sample_index)
+                if self.copy_paste is not None:
+                    image_array, label_array = self.paste_donor(image_array, label_array, sample_index)
                 sample = self.transform_sample(image_array, label_array, self.rng(sample_index))
                 skipped = False
             except BadSampleError as error:
@@ -1014,6 +1109,31 @@ class SegmentationTrainTransform(_SampleDecoding):
             output["skipped"].append(skipped)
             output["sample_id"].append(sample_id)
         return output
+
+    def paste_donor(
+        self, image: np.ndarray, label: np.ndarray, sample_index: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The sample with, when drawn, the `copy_paste` classes' pixels of a donor frame pasted over it.
+
+        The draws (whether to paste, which donor) come from their own generator, seeded like `rng` plus a
+        stream number: runs without copy-paste keep every draw they had, and the paste, like the rest of
+        the augmentation, depends only on `(seed, epoch, sample_index)`.
+        """
+        copy_paste = self.copy_paste
+        rng = np.random.default_rng([self.seed, self.epoch, int(sample_index), COPY_PASTE_STREAM])
+        if rng.random() >= copy_paste.probability:
+            return image, label
+        donor = copy_paste.donors[int(rng.integers(len(copy_paste.donors)))]
+        try:
+            donor_image, donor_label = self.decode(
+                donor["image"], donor["label"], donor["sample_id"], donor["sample_index"]
+            )
+        except BadSampleError as error:
+            if not self.skip_bad_samples:
+                raise BadSampleError(f"copy-paste donor for sample {sample_index}: {error}") from error
+            logger.warning("Not pasting from a bad donor sample: %s", error)
+            return image, label
+        return paste_classes(image, label, donor_image, donor_label, copy_paste.class_ids)
 
     def transform_sample(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
@@ -1442,11 +1562,16 @@ def num_samples(dataset: datasets.Dataset | datasets.IterableDataset) -> int | N
     return None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
 
 
-def train_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationTrainTransform:
-    """The config's training augmentation (the paper's pipeline with the recipe's sizes).
+def train_transform_for(
+    config: TrainingConfig,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    id2label: Mapping[int, str],
+) -> SegmentationTrainTransform:
+    """The config's training augmentation of `dataset` (the paper's pipeline with the recipe's sizes).
 
     With `augment_device` other than cpu the workers only decode and draw (`SegmentationDecodeTransform`):
-    the batches are then finished by `augmentation.DeviceAugmentation` on the accelerator.
+    the batches are then finished by `augmentation.DeviceAugmentation` on the accelerator. With
+    `copy_paste_classes` the donor frames are found here (`copy_paste_for`).
     """
     on_device = config.augment_device != "cpu"
     return (SegmentationDecodeTransform if on_device else SegmentationTrainTransform)(
@@ -1458,10 +1583,73 @@ def train_transform_for(config: TrainingConfig, num_labels: int) -> Segmentation
         photometric_distortion=config.photometric_distortion,
         ignore_index=config.ignore_index,
         reduce_labels=config.reduce_labels,
-        num_labels=num_labels,
+        num_labels=len(id2label),
         seed=config.seed,
         skip_bad_samples=config.skip_bad_samples,
+        copy_paste=copy_paste_for(config, dataset, id2label),
     )
+
+
+def copy_paste_for(
+    config: TrainingConfig,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    id2label: Mapping[int, str],
+) -> CopyPaste | None:
+    """The config's copy-paste augmentation (None without `copy_paste_classes`), its donors found in `dataset`.
+
+    Raises:
+        ValueError: a class that is neither a name of `id2label` nor one of its ids, a stream (donors are
+            drawn by index), or no frame holding the classes.
+    """
+    if not config.copy_paste_classes:
+        return None
+    if isinstance(dataset, datasets.IterableDataset):
+        raise ValueError(
+            "copy_paste_classes draws donor frames by index, which a stream cannot give: "
+            "use it with map-style data (streaming: false)"
+        )
+    class_ids = class_ids_of(config.copy_paste_classes, id2label, "copy_paste_classes")
+    started = time.perf_counter()
+    donors = donor_frames(
+        dataset,
+        class_ids,
+        ignore_index=config.ignore_index,
+        reduce_labels=config.reduce_labels,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+    logger.info(
+        "copy-paste: %d of %d training frames hold %s (found in %.1f s)",
+        len(donors),
+        len(dataset),
+        ", ".join(id2label[class_id] for class_id in class_ids),
+        time.perf_counter() - started,
+    )
+    return CopyPaste(class_ids=class_ids, probability=config.copy_paste_prob, donors=donors)
+
+
+def class_ids_of(classes: Sequence[str | int], id2label: Mapping[int, str], setting: str) -> tuple[int, ...]:
+    """The ids of `classes`, each given by its name in `id2label` (exactly, else ignoring case) or by its id.
+
+    Raises:
+        ValueError: names `setting` and lists the classes it does not know, with the known ones.
+    """
+    by_name = {name: class_id for class_id, name in id2label.items()}
+    by_folded_name = {name.casefold(): class_id for class_id, name in id2label.items()}
+    ids, unknown = [], []
+    for entry in classes:
+        text = str(entry).strip()
+        if text in by_name:
+            ids.append(by_name[text])
+        elif text.casefold() in by_folded_name:
+            ids.append(by_folded_name[text.casefold()])
+        elif text.lstrip("-").isdigit() and int(text) in id2label:
+            ids.append(int(text))
+        else:
+            unknown.append(entry)
+    if unknown:
+        known = ", ".join(f"{class_id} {name}" for class_id, name in sorted(id2label.items()))
+        raise ValueError(f"{setting}: unknown class(es) {unknown}; the classes are: {known}")
+    return tuple(sorted(set(ids)))
 
 
 def eval_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationEvalTransform:
@@ -1478,7 +1666,7 @@ def eval_transform_for(config: TrainingConfig, num_labels: int) -> SegmentationE
 def train_dataloader_for(
     config: TrainingConfig,
     dataset: datasets.Dataset | datasets.IterableDataset,
-    num_labels: int,
+    id2label: Mapping[int, str],
     num_shards: int = 1,
     shard_index: int = 0,
     device: torch.device | str | None = None,
@@ -1489,7 +1677,7 @@ def train_dataloader_for(
     `streaming.StreamingTrainLoader` over this process's part of it (`num_shards`, `shard_index`)
     whose batches are already on `device`: Accelerate leaves it alone.
     """
-    transform = train_transform_for(config, num_labels)
+    transform = train_transform_for(config, dataset, id2label)
     on_device = config.augment_device != "cpu"
     if isinstance(dataset, datasets.IterableDataset):
         if on_device:

@@ -75,7 +75,7 @@ def trainer_datasets(config: TrainingConfig) -> TrainerDatasets:
     if config.streaming:
         raise ValueError("trainer_datasets takes map-style data: set streaming: false")
     train, validation, id2label = seg_data.load_training_data(config)
-    train_transform = seg_data.train_transform_for(config, len(id2label))
+    train_transform = seg_data.train_transform_for(config, train, id2label)
     eval_transform = seg_data.eval_transform_for(config, len(id2label))
     return TrainerDatasets(
         train=train.with_transform(train_transform),

@@ -91,6 +91,7 @@ _CARD_TRAINING_KEYS = (
     "img_scale",
     "ratio_range",
     "crop_size",
+    "copy_paste_classes",
     "learning_rate",
     "head_lr_multiplier",
     "weight_decay",

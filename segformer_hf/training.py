@@ -146,7 +146,7 @@ def set_up(
     train_loader, train_transform = seg_data.train_dataloader_for(
         config,
         train_dataset,
-        len(id2label),
+        id2label,
         accelerator.num_processes,
         accelerator.process_index,
         accelerator.device,

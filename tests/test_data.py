@@ -20,18 +20,23 @@ from conftest import DEMO_DATA, REPO_ROOT
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from segformer_hf.arguments import load_config
 from segformer_hf.data import (
     BadSampleError,
+    CopyPaste,
     PhotometricParams,
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     apply_photometric_distortion,
+    class_ids_of,
     decode_sample,
     detect_data_format,
+    donor_frames,
     draw_photometric_params,
     eval_collate_fn,
     hsv_to_rgb,
     load_segmentation_dataset,
+    paste_classes,
     random_crop_box,
     rescaled_size,
     resize_image,
@@ -39,6 +44,7 @@ from segformer_hf.data import (
     resolve_id2label,
     rgb_to_hsv,
     train_collate_fn,
+    train_transform_for,
 )
 
 HEIGHT, WIDTH = 16, 20
@@ -903,3 +909,133 @@ def test_cityscapes_sample_in_the_cityscapes_layout(shared_data, tmp_path):
     row = splits["validation"].with_transform(_eval_transform(img_scale=(256, 128), num_labels=19))[0]
     values = set(row["labels"].unique().tolist())
     assert 255 in values and values - {255} <= set(range(19)) and row["pixel_values"].shape == (3, 128, 256)
+
+
+# Copy-paste of chosen classes -------------------------------------------------------------------------------
+
+
+def _frames_with_identities(count: int, pasted_class: int = 2):
+    """Frames whose every pixel tells its frame (blue channel) and class (red, green), some holding the class."""
+    frames = []
+    for index in range(count):
+        label = np.random.default_rng(index).integers(0, 2, (HEIGHT, WIDTH), dtype=np.uint8)
+        if index % 3 != 0:  # every third frame holds none of the pasted class
+            label[:, index % WIDTH] = pasted_class  # a vertical pole at a column of its own
+        image = np.stack([label * 100, 255 - label * 100, np.full_like(label, 10 * index)], axis=-1)
+        frames.append((image.astype(np.uint8), label))
+    return frames
+
+
+def _copy_paste(frames, probability=1.0, class_ids=(2,)) -> CopyPaste:
+    dataset = _dataset_of([tuple(map(Image.fromarray, frame)) for frame in frames])
+    return CopyPaste(class_ids=class_ids, probability=probability, donors=donor_frames(dataset, class_ids))
+
+
+def test_copy_paste_puts_a_donor_frames_pixels_of_the_chosen_classes_in_their_place():
+    frames = _frames_with_identities(12)
+    copy_paste = _copy_paste(frames)
+    assert copy_paste.donors["sample_index"] == [i for i in range(12) if i % 3 != 0]
+    dataset = _dataset_of([tuple(map(Image.fromarray, frame)) for frame in frames])
+    donors_seen = set()
+    for epoch in range(3):
+        transform = _train_transform(copy_paste=copy_paste)
+        transform.set_epoch(epoch)
+        output = dataset.with_transform(transform)[:]
+        for index, (image, label) in enumerate(frames):
+            out_label = output["labels"][index].numpy()
+            out_image = np.rint(
+                (output["pixel_values"][index].numpy().transpose(1, 2, 0) * STD + MEAN) * 255
+            ).astype(np.uint8)
+            # The blue channel of a pasted pixel names its donor; the donor must hold the class.
+            pasted = out_image[..., 2] != image[..., 2]
+            donors = set((out_image[..., 2][pasted] // 10).tolist())
+            assert len(donors) <= 1
+            donor = donors.pop() if donors else index
+            assert donor % 3 != 0 or donor == index
+            donors_seen.add(donor)
+            donor_image, donor_label = frames[donor]
+            # From the definition: the donor's class-2 pixels replace the frame's, everything else is the frame's.
+            where = donor_label == 2
+            np.testing.assert_array_equal(out_label, np.where(where, donor_label, label))
+            np.testing.assert_array_equal(out_image, np.where(where[..., None], donor_image, image))
+    assert len(donors_seen) >= 5  # donors are drawn, not fixed
+
+
+def test_copy_paste_draws_are_their_own_and_leave_the_other_augmentation_draws_alone():
+    frames = _frames_with_identities(24)
+    dataset = _dataset_of([tuple(map(Image.fromarray, frame)) for frame in frames])
+    settings = dict(
+        crop_size=(12, 12), ratio_range=(0.5, 2.0), flip_prob=0.5, photometric_distortion=True, seed=3
+    )
+    plain = dataset.with_transform(_train_transform(**settings))[:]
+    copy_paste = _copy_paste(frames, probability=0.5)
+    with_paste = dataset.with_transform(_train_transform(copy_paste=copy_paste, **settings))[:]
+    again = dataset.with_transform(_train_transform(copy_paste=copy_paste, **settings))[:]
+    same = [torch.equal(a, b) for a, b in zip(plain["pixel_values"], with_paste["pixel_values"])]
+    # Frames that got no paste are augmented exactly as without copy-paste: same crop, flip and colours.
+    assert 0 < sum(same) < len(frames)
+    for index, unchanged in enumerate(same):
+        torch.testing.assert_close(
+            again["pixel_values"][index], with_paste["pixel_values"][index], rtol=0, atol=0
+        )
+        if unchanged:
+            torch.testing.assert_close(plain["labels"][index], with_paste["labels"][index], rtol=0, atol=0)
+    # Whether a frame is pasted does not follow its other draws: pasted frames have both small and large
+    # resize ratios (the first draw of the sample's own generator, per the module's contract). Drawing the
+    # paste from a copy of that generator would paste exactly the frames whose ratio is below 1.25.
+    ratios = [np.random.default_rng([3, 0, index]).uniform(0.5, 2.0) for index in range(len(frames))]
+    assert {ratio < 1.25 for ratio, unchanged in zip(ratios, same) if not unchanged} == {True, False}
+
+
+def test_copy_paste_resizes_a_donor_of_another_size_to_the_frame():
+    image = np.zeros((4, 6, 3), np.uint8)
+    label = np.zeros((4, 6), np.int64)
+    donor_label = np.zeros((8, 12), np.int64)
+    donor_label[:, 2:4] = 2  # columns 2-3 of 12: column 1 of 6 after OpenCV's nearest rule
+    donor_image = np.full((8, 12, 3), 200, np.uint8)
+    pasted_image, pasted_label = paste_classes(image, label, donor_image, donor_label, (2,))
+    expected = np.zeros((4, 6), np.int64)
+    expected[:, 1] = 2
+    np.testing.assert_array_equal(pasted_label, expected)
+    np.testing.assert_array_equal(pasted_image[..., 0], np.where(expected == 2, 200, 0))
+    assert label.max() == 0 and image.max() == 0  # the inputs are not changed in place
+
+
+def test_copy_paste_classes_by_name_or_id_and_clear_errors(tmp_path):
+    id2label = {0: "Sky", 1: "Building", 2: "Pole", 3: "SignSymbol"}
+    assert class_ids_of(["Pole", "signsymbol"], id2label, "copy_paste_classes") == (2, 3)
+    assert class_ids_of([3, "2"], id2label, "copy_paste_classes") == (2, 3)
+    with pytest.raises(ValueError, match=r"copy_paste_classes: unknown class\(es\) \['Lamp', 7\].*2 Pole"):
+        class_ids_of(["Lamp", 7, "Pole"], id2label, "copy_paste_classes")
+    frames = _frames_with_identities(3)
+    dataset = _dataset_of([tuple(map(Image.fromarray, frame)) for frame in frames])
+    with pytest.raises(
+        ValueError, match="none of the 3 training frames holds a pixel of the classes \\[3\\]"
+    ):
+        donor_frames(dataset, (3,))
+    with pytest.raises(ValueError, match="copy_paste_prob must be in \\(0, 1\\]"):
+        CopyPaste(class_ids=(2,), probability=0.0, donors=dataset)
+    # An unreadable label map found while looking for donors names its file, or is left out when skipping.
+    Image.fromarray(frames[1][1]).save(tmp_path / "donor.png")
+    (tmp_path / "broken.png").write_bytes((tmp_path / "donor.png").read_bytes()[:40])
+    files = _dataset_of(
+        [(None, {"bytes": None, "path": str(tmp_path / name)}) for name in ("donor.png", "broken.png")],
+        ids=["donor.png", "broken.png"],
+    )
+    with pytest.raises(BadSampleError, match="Sample 1 \\(broken.png\\)"):
+        donor_frames(files, (2,))
+    assert donor_frames(files, (2,), skip_bad_samples=True)["sample_id"] == ["donor.png"]
+
+
+def test_recipe_copy_paste_classes_reach_the_training_transform():
+    train = load_segmentation_dataset(data_dir=DEMO_DATA)["train"]
+    id2label = resolve_id2label(data_dir=DEMO_DATA, dataset=train)
+    config = load_config("demo", {"copy_paste_classes": ["Pole", "SignSymbol"], "copy_paste_prob": 0.25})
+    transform = train_transform_for(config, train, id2label)
+    names = {name: class_id for class_id, name in id2label.items()}
+    assert transform.copy_paste.class_ids == (names["Pole"], names["SignSymbol"])
+    assert transform.copy_paste.probability == 0.25
+    assert 0 < len(transform.copy_paste.donors) <= len(train)
+    assert train_transform_for(load_config("demo"), train, id2label).copy_paste is None
+    with pytest.raises(ValueError, match="copy_paste_classes draws donor frames by index"):
+        load_config("demo", {"copy_paste_classes": ["Pole"], "streaming": True})

@@ -93,7 +93,7 @@ def _epoch(loader, transform, epoch: int) -> list[list[tuple[str, str]]]:
 
 def _streaming_loader(config, **kwargs):
     train, _, id2label = load_training_data(config)
-    return train_dataloader_for(config, train, len(id2label), **kwargs)
+    return train_dataloader_for(config, train, id2label, **kwargs)
 
 
 def test_streamed_rows_carry_the_map_style_sample_ids_and_indices(parquet_dir):
@@ -117,7 +117,7 @@ def test_a_streaming_run_and_a_map_style_run_see_the_same_augmented_samples_ever
     stream_loader, stream_transform = _streaming_loader(streaming)
     assert isinstance(stream_loader, StreamingTrainLoader)
     map_train, _, id2label = load_training_data(map_style)
-    map_loader, map_transform = train_dataloader_for(map_style, map_train, len(id2label))
+    map_loader, map_transform = train_dataloader_for(map_style, map_train, id2label)
     seen = []
     for epoch in (0, 1):
         streamed = _epoch(stream_loader, stream_transform, epoch)
@@ -207,7 +207,7 @@ def test_restoring_needs_the_same_kind_of_loader_and_number_of_processes(parquet
         restore_train_loader_state(loader, None)
     map_config = _config(parquet_dir, streaming=False)
     train, _, id2label = load_training_data(map_config)
-    map_loader, _ = train_dataloader_for(map_config, train, len(id2label))
+    map_loader, _ = train_dataloader_for(map_config, train, id2label)
     assert train_loader_state(map_loader) is None and restore_train_loader_state(map_loader, None) is None
     with pytest.raises(ValueError, match="streaming: true"):
         restore_train_loader_state(map_loader, [state])
