@@ -91,7 +91,7 @@ _CARD_TRAINING_KEYS = (
     "img_scale",
     "ratio_range",
     "crop_size",
-    "copy_paste_classes",
+    "copy_paste_classes",  # set: some classes were pasted from other frames (copy_paste_prob follows it)
     "learning_rate",
     "head_lr_multiplier",
     "weight_decay",
@@ -412,6 +412,11 @@ def _training_section(results: dict, training: dict) -> str:
     if not training:
         return "## Training\n\nThe training configuration was not recorded.\n"
     rows = [(key, training[key]) for key in _CARD_TRAINING_KEYS if training.get(key) is not None]
+    if training.get("copy_paste_classes"):
+        rows.insert(
+            [key for key, _ in rows].index("copy_paste_classes") + 1,
+            ("copy_paste_prob", training.get("copy_paste_prob")),
+        )
     world_size = results.get("world_size")
     if world_size and training.get("per_device_train_batch_size"):
         total = (

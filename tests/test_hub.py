@@ -413,6 +413,14 @@ def test_card_says_when_the_weights_are_a_moving_average(run, tmp_path):
     assert "| ema_decay | 0.995 |" in averaged.split("<details>")[0], "in the table, not only in the YAML"
 
 
+def test_card_says_which_classes_were_pasted_and_how_often(run, tmp_path):
+    assert "copy_paste" not in build_model_card(run.directory).text.split("<details>")[0]
+    card = build_model_card(
+        _copy_run(run, tmp_path, copy_paste_classes=["Pole", "SignSymbol"], copy_paste_prob=0.25)
+    ).text.split("<details>")[0]
+    assert '| copy_paste_classes | ["Pole", "SignSymbol"] |\n| copy_paste_prob | 0.25 |' in card
+
+
 def test_write_model_card_replaces_readme_in_one_step(run, tmp_path, monkeypatch):
     directory = _copy_run(run, tmp_path)
     (directory / "README.md").write_text("previous card")
