@@ -979,6 +979,20 @@ def paste_classes(
     return image, label
 
 
+def label_map_of(
+    dataset: datasets.Dataset, index: int, *, ignore_index: int = 255, reduce_labels: bool = False
+) -> np.ndarray:
+    """Row `index`'s label map alone (its image is not decoded), as class ids, `reduce_labels` applied.
+
+    Raises:
+        BadSampleError: an unreadable label map, named by row and sample id.
+    """
+    row = dataset[index]
+    where = f"Sample {index} ({row.get('sample_id', index)})"
+    label = _label_to_ids(_decode(row["label"], where, "label map"), where)
+    return _reduce_labels(label, ignore_index) if reduce_labels else label
+
+
 def donor_frames(
     dataset: datasets.Dataset,
     class_ids: Sequence[int],
@@ -995,17 +1009,13 @@ def donor_frames(
     """
     holding = []
     for index in range(len(dataset)):
-        row = dataset[index]
-        where = f"Sample {index} ({row.get('sample_id', index)})"
         try:
-            label = _label_to_ids(_decode(row["label"], where, "label map"), where)
+            label = label_map_of(dataset, index, ignore_index=ignore_index, reduce_labels=reduce_labels)
         except BadSampleError as error:
             if not skip_bad_samples:
                 raise
             logger.warning("Not a copy-paste donor: %s", error)
             continue
-        if reduce_labels:
-            label = _reduce_labels(label, ignore_index)
         if np.isin(label, class_ids).any():
             holding.append(index)
     if not holding:
@@ -1761,11 +1771,7 @@ def class_frequencies(
         indices = np.sort(np.random.default_rng(seed).choice(indices, max_samples, replace=False))
     counts = np.zeros(num_labels, dtype=np.int64)
     for index in indices.tolist():
-        row = dataset[index]
-        where = f"sample {row.get('sample_id', index)}"
-        label = _label_to_ids(_decode(row["label"], where, "label"), where)
-        if reduce_labels:
-            label = _reduce_labels(label, ignore_index)
+        label = label_map_of(dataset, index, ignore_index=ignore_index, reduce_labels=reduce_labels)
         valid = label[(label != ignore_index) & (label >= 0) & (label < num_labels)]
         counts += np.bincount(valid.ravel(), minlength=num_labels)[:num_labels]
     if counts.sum() == 0:

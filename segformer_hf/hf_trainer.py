@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import sort_checkpoints
 
 from . import data as seg_data
 from .checkpointing import InterruptFlag
@@ -166,13 +166,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     Newer folders without it are named in a warning: a save that was cut off. None when there is no complete
     checkpoint (Trainer then raises its own error).
     """
-    folders = []
-    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-        if path.is_dir() and step.isdigit():
-            folders.append((int(step), path))
     incomplete = []
-    for _, path in sorted(folders, reverse=True):
+    for path in map(Path, reversed(sort_checkpoints(str(output_dir)))):  # Trainer's own order, by step
         try:
             json.loads((path / TRAINER_STATE_NAME).read_text())["global_step"]
         except (OSError, ValueError, KeyError, TypeError):
