@@ -142,6 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compile times float32 eager against float32 compiled; leave --dtype out")
     if args.freezing and not args.compile:
         parser.error("--freezing is an option of --compile")
+    if args.freezing and args.dynamic == "auto":
+        # Inductor (torch 2.13) fails at the second size: the frozen graph's pre-packed convolutions disagree
+        # with the strides of the graph recompiled with symbolic sizes (transformers' Segformer too).
+        parser.error("--freezing fails at a new size with --dynamic auto; use --dynamic true or false")
     for name in ("size", "repeats", "latency_batch", "throughput_batch", "train_batch", "num_labels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")

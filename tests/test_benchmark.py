@@ -268,6 +268,10 @@ def test_cpu_bf16_run_times_both_models_under_autocast_without_the_onnxruntime_c
         (["--dtype", "fp16"], "--dtype fp16 (autocast) is for --device cuda"),
         (["--dtype", "bf16", "--compile"], "--compile times float32"),
         (["--freezing"], "--freezing is an option of --compile"),
+        (
+            ["--compile", "--freezing", "--dynamic", "auto"],
+            "--freezing fails at a new size with --dynamic auto",
+        ),
     ],
 )
 def test_unsupported_option_combinations_are_refused_with_a_message(
