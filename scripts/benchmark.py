@@ -28,7 +28,9 @@ AVX512-BF16 or AMX); onnxruntime runs the float32 export, so that column is then
 latency and training workloads, alternated, with the ratio compiled / eager per model, and the compile
 time: the first call (tracing, compiling and one run) and the first call at a NEW size (--size plus
 --new_size_offset), which with dynamic shapes (--dynamic true) reuses the first graph instead of
-compiling again. Compiled logits must match eager ones (relative L2 <= 1e-4) or nothing is reported.
+compiling again. Compiled logits must match eager ones (relative L2 <= 1e-4; 3e-2 under `--dtype bf16`
+or fp16, where eager and compiled autocast round at different points) or nothing is reported. With
+`--dtype` both the eager and the compiled runs are under that autocast.
 `--freezing` turns on inductor's freezing for the inference graphs (the weights become constants, folded
 and pre-packed), the CPU inference setting that makes compiling pay (docs/performance.md):
 
@@ -72,7 +74,10 @@ from segformer_hf.files import write_json_atomic  # noqa: E402
 from segformer_hf.onnx_export import EXPORTERS, INPUT_NAME, OUTPUT_NAME, OnnxVerificationError  # noqa: E402
 
 TOLERANCE = 1e-5
-COMPILE_TOLERANCE = 1e-4
+# Compiled logits against eager ones under the same precision. Autocast rounds at different points once
+# inductor fuses kernels: in bf16, B0's compiled logits are ~9e-3 from eager ones, as far as eager bf16
+# itself is from float32; a wrong graph is off by ~1.
+COMPILE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORED_FRACTION = 0.05
 ONNX_NAME = "onnxruntime"
@@ -138,8 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda was asked for but torch.cuda.is_available() is False")
     if args.device == "cpu" and args.dtype == "fp16":
         parser.error("--dtype fp16 (autocast) is for --device cuda; on the CPU use bf16 or fp32")
-    if args.compile and args.dtype != "fp32":
-        parser.error("--compile times float32 eager against float32 compiled; leave --dtype out")
     if args.freezing and not args.compile:
         parser.error("--freezing is an option of --compile")
     if args.freezing and args.dynamic == "auto":
@@ -363,6 +366,18 @@ def workloads(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
     ]
 
 
+def autocast_for(dtype: str, device: torch.device) -> Callable[[], Any]:
+    """A factory of the context every timed step runs in: autocast to `dtype`, or nothing for fp32."""
+    autocast_dtype = DTYPES[dtype]
+
+    def autocast() -> Any:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+    return autocast
+
+
 def benchmark_variant(
     models: dict[str, nn.Module],
     args: argparse.Namespace,
@@ -370,13 +385,7 @@ def benchmark_variant(
     ignore_index: int,
     onnx_session: Any = None,
 ) -> list[dict[str, Any]]:
-    autocast_dtype = DTYPES[args.dtype]
-
-    def autocast() -> Any:
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
-
+    autocast = autocast_for(args.dtype, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     synchronize = synchronizer(device)
     rows = []
@@ -408,6 +417,7 @@ def benchmark_compiled(
 ) -> list[dict[str, Any]]:
     """Eager vs torch.compile per model: medians of alternated runs, and compile times (see the docstring)."""
     dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
+    autocast = autocast_for(args.dtype, device)
     synchronize = synchronizer(device)
     import torch._inductor.config as inductor_config
 
@@ -435,23 +445,23 @@ def benchmark_compiled(
             compiled = torch.compile(model, dynamic=False if training else dynamic, mode=args.compile_mode)
             for kind, network in (("eager", model), ("compiled", compiled)):
                 steps[f"{model_name} {kind}"] = (
-                    training_step(network, *inputs[0], contextlib.nullcontext)
+                    training_step(network, *inputs[0], autocast)
                     if training
-                    else inference_step(network, inputs[0][0], contextlib.nullcontext)
+                    else inference_step(network, inputs[0][0], autocast)
                 )
             graphs_before = _compiled_graphs()
             compile_times[model_name] = {
                 "first_call_s": _first_call_seconds(steps[f"{model_name} compiled"], synchronize),
                 "new_size_first_call_s": _first_call_seconds(
-                    training_step(compiled, *inputs[1], contextlib.nullcontext)
+                    training_step(compiled, *inputs[1], autocast)
                     if training
-                    else inference_step(compiled, inputs[1][0], contextlib.nullcontext),
+                    else inference_step(compiled, inputs[1][0], autocast),
                     synchronize,
                 ),
                 "graphs": _compiled_graphs() - graphs_before,  # 1: the new size reused the first graph
             }
             if not training:
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast():
                     model.eval()
                     errors[model_name] = relative_l2(
                         compiled(pixel_values=inputs[1][0]).logits, model(pixel_values=inputs[1][0]).logits
@@ -699,16 +709,21 @@ def report_compiled(
         f"first call at {args.size + args.new_size_offset}px (dynamic={args.dynamic} for inference, false for "
         "the training step: its new size compiles afresh)."
     )
+    tolerance = COMPILE_TOLERANCE[args.dtype]
     wrong = [
-        f"{variant} {name}"
+        f"{variant} {name} ({row[name]['compiled_logits_relative_l2']:.3g})"
         for variant, result in results.items()
         for row in result["workloads"]
         for name in MODEL_NAMES
         if row[name]["compiled_logits_relative_l2"] is not None
-        and not row[name]["compiled_logits_relative_l2"] <= COMPILE_TOLERANCE
+        and not row[name]["compiled_logits_relative_l2"] <= tolerance
     ]
     if wrong:
-        print(f"error: compiled logits differ from eager ones for {', '.join(wrong)}", file=sys.stderr)
+        print(
+            f"error: compiled logits differ from eager ones (relative L2 above {tolerance:g} in {args.dtype}) for "
+            + ", ".join(wrong),
+            file=sys.stderr,
+        )
         return 1
     if args.json is not None:
         write_json_atomic(args.json, {"environment": info, "settings": settings, "results": results})

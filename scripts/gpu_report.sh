@@ -21,10 +21,12 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 python=${PYTHON:-python3}
 failed=0
-run() {  # run NAME COMMAND...: the command's output in OUT_DIR/NAME.log, its exit status remembered
-    local name=$1
-    shift
-    echo "=== $name: $*" | tee "$out/$name.log"
+run() { run_logging "" "$@"; }        # run NAME COMMAND...: the command's output in OUT_DIR/NAME.log, its exit status remembered
+run_more() { run_logging -a "$@"; }  # the same, appended to a log an earlier run started
+run_logging() {
+    local tee_option=$1 name=$2
+    shift 2
+    echo "=== $name: $*" | tee $tee_option "$out/$name.log"
     local started=$SECONDS
     "$@" >>"$out/$name.log" 2>&1
     local status=$?
@@ -48,9 +50,12 @@ bench)
         run "bench_$dtype" "$python" scripts/benchmark.py --device cuda --dtype "$dtype" --channels_last \
             --variants b0 b2 --size 512 --latency_batch 1 --throughput_batch 32 --train_batch 8 --json "$out/bench_$dtype.json"
     done
-    # Goal 2: compiled / eager on the GPU, static sizes (its table is in the log: no JSON, to stay at 8 files).
+    # Goal 2: compiled / eager on the GPU, static sizes, in float32 and under bf16 autocast (both tables in one
+    # log: no JSON, to stay at 8 files).
     run bench_compile "$python" scripts/benchmark.py --device cuda --variants b0 --size 512 --compile --dynamic false \
         --latency_batch 1 --train_batch 8 --repeats 5
+    run_more bench_compile "$python" scripts/benchmark.py --device cuda --variants b0 --size 512 --compile --dynamic false \
+        --latency_batch 1 --train_batch 8 --repeats 5 --dtype bf16
     # Goal 3: the loader's samples/s against the training step at batch 16, crop 512, 4 workers, both paths.
     run data "$python" scripts/benchmark_data.py --device cuda --config camvid-b0 --data_dir "$data" --crop 512 \
         --batch_size 16 --workers 4 --batches 6 --model_steps 3

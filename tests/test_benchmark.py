@@ -232,11 +232,10 @@ def test_quick_cuda_run_with_bf16_autocast_and_channels_last(benchmark_script, t
         assert row["ours"]["peak_memory_mib"] > 0 and row["transformers"]["peak_memory_mib"] > 0
 
 
-def test_cpu_bf16_run_times_both_models_under_autocast_without_the_onnxruntime_column(
-    benchmark_script, monkeypatch, tmp_path
-):
+def _record_autocast(benchmark_script, monkeypatch) -> dict[str, list]:
+    """Makes build_models hook both models so that each forward call records its autocast dtype."""
     build_models = benchmark_script.build_models
-    seen: dict[str, set] = {"ours": set(), "transformers": set()}
+    seen: dict[str, list] = {"ours": [], "transformers": []}
 
     def build_recording(variant, num_labels, seed):
         models = build_models(variant, num_labels, seed)
@@ -244,29 +243,85 @@ def test_cpu_bf16_run_times_both_models_under_autocast_without_the_onnxruntime_c
 
             def record(module, inputs, name=name):
                 enabled = torch.is_autocast_enabled("cpu")
-                seen[name].add(torch.get_autocast_dtype("cpu") if enabled else torch.float32)
+                seen[name].append(torch.get_autocast_dtype("cpu") if enabled else torch.float32)
 
             model.register_forward_pre_hook(record)
         return models
 
     monkeypatch.setattr(benchmark_script, "build_models", build_recording)
+    return seen
+
+
+def test_cpu_bf16_run_times_both_models_under_autocast_without_the_onnxruntime_column(
+    benchmark_script, monkeypatch, tmp_path
+):
+    seen = _record_autocast(benchmark_script, monkeypatch)
     output = tmp_path / "bench.json"
     arguments = ["--variants", "b0", "--device", "cpu", "--size", str(SIZE), "--repeats", "1", "--warmup", "0"]  # fmt: skip
     status = benchmark_script.main([*arguments, "--dtype", "bf16", "--no_memory", "--json", str(output)])
     assert status == 0
     # The agreement check runs in float32; every timed run under bf16 autocast.
-    assert seen == {"ours": {torch.float32, torch.bfloat16}, "transformers": {torch.float32, torch.bfloat16}}
+    assert {name: set(dtypes) for name, dtypes in seen.items()} == {
+        "ours": {torch.float32, torch.bfloat16},
+        "transformers": {torch.float32, torch.bfloat16},
+    }
     report = json.loads(output.read_text())
     assert report["settings"]["dtype"] == "bf16"
     for row in report["results"]["b0"]["workloads"]:
         assert "onnxruntime" not in row and row["ours"]["median_ms"] > 0
 
 
+def test_compile_run_with_bf16_times_eager_and_compiled_under_autocast(
+    benchmark_script, monkeypatch, tmp_path, capsys
+):
+    # The compiler itself is replaced by the identity (inductor would take minutes): what is checked is
+    # that --dtype reaches both the eager and the compiled runs and the compiled-vs-eager check.
+    compiled_with = []
+
+    def identity_compile(model, **options):
+        compiled_with.append(options)
+        return model
+
+    monkeypatch.setattr(benchmark_script.torch, "compile", identity_compile)
+    seen = _record_autocast(benchmark_script, monkeypatch)
+    output = tmp_path / "compiled.json"
+    arguments = ["--variants", "b0", "--device", "cpu", "--size", str(SIZE), "--repeats", "1", "--warmup", "0"]  # fmt: skip
+    status = benchmark_script.main(
+        [*arguments, "--compile", "--dynamic", "false", "--dtype", "bf16", "--json", str(output)]
+    )
+    assert status == 0, capsys.readouterr().err
+    assert len(compiled_with) == 4  # two models, latency and training workloads
+    for name, dtypes in seen.items():
+        # The agreement check runs first, in float32; everything after it under bf16 autocast.
+        first_bf16 = dtypes.index(torch.bfloat16)
+        assert set(dtypes[:first_bf16]) == {torch.float32}, name
+        assert set(dtypes[first_bf16:]) == {torch.bfloat16}, name
+    report = json.loads(output.read_text())
+    assert report["settings"]["dtype"] == "bf16"
+    latency, training = report["results"]["b0"]["workloads"]
+    assert latency["ours"]["compiled_logits_relative_l2"] == 0.0  # the same model, the same autocast
+    assert training["ours"]["compiled_over_eager"] > 0
+
+
+@pytest.mark.parametrize(("dtype", "status"), [("fp32", 1), ("bf16", 0)])
+def test_compiled_logits_gate_allows_autocast_rounding_but_not_float32_drift(
+    benchmark_script, capsys, dtype, status
+):
+    # A relative L2 of 1e-2 between compiled and eager logits is autocast's rounding in bf16 (B0's eager
+    # bf16 logits are ~9e-3 from float32 ones), but a real difference in float32.
+    side = {"eager_ms": 2.0, "compiled_ms": 1.0, "compiled_over_eager": 0.5, "first_call_s": 1.0}
+    side |= {"new_size_first_call_s": 1.0, "graphs": 1, "compiled_logits_relative_l2": 1e-2}
+    row = {"workload": "inference latency", "batch_size": 1, "ours": side, "transformers": dict(side)}
+    args = benchmark_script.parse_args(["--device", "cpu", "--compile", "--dtype", dtype])
+    assert benchmark_script.report_compiled({"b0": {"workloads": [row]}}, args, {}, {}) == status
+    if status:
+        assert "b0 ours (0.01)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--dtype", "fp16"], "--dtype fp16 (autocast) is for --device cuda"),
-        (["--dtype", "bf16", "--compile"], "--compile times float32"),
         (["--freezing"], "--freezing is an option of --compile"),
         (
             ["--compile", "--freezing", "--dynamic", "auto"],
