@@ -135,40 +135,31 @@ def photometric_distortion(pixels: torch.Tensor, params: torch.Tensor) -> torch.
 
     pixels = step(~brightness.isnan(), truncated(pixels + brightness.nan_to_num()))
     pixels = step(contrast_first & ~contrast.isnan(), truncated(pixels * contrast.nan_to_num()))
-    hsv = rgb_to_hsv(pixels)
-    saturated = torch.stack(
-        (hsv[..., 0], (hsv[..., 1] * saturation[..., 0].nan_to_num()).clamp(0.0, 1.0), hsv[..., 2]), dim=-1
-    )
-    pixels = step(~saturation.isnan(), hsv_to_rgb(saturated).round())
-    hsv = rgb_to_hsv(pixels)
-    shifted = torch.stack(
-        (torch.remainder(hsv[..., 0] + 2.0 * hue[..., 0].nan_to_num(), 360.0), hsv[..., 1], hsv[..., 2]),
-        dim=-1,
-    )
-    pixels = step(~hue.isnan(), hsv_to_rgb(shifted).round())
+    pixels = step(~saturation.isnan(), scale_saturation(pixels, saturation.nan_to_num()).round())
+    pixels = step(~hue.isnan(), rotate_hue(pixels, 2.0 * hue.nan_to_num()).round())
     pixels = step(~contrast_first & ~contrast.isnan(), truncated(pixels * contrast.nan_to_num()))
     return pixels.clamp(0.0, 255.0)
 
 
-def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
-    """`data.rgb_to_hsv` in torch: (..., 3) RGB 0..255 -> H degrees [0, 360), S [0, 1], V 0..255."""
-    red, green, blue = rgb.unbind(-1)
-    value = rgb.amax(dim=-1)
-    chroma = value - rgb.amin(dim=-1)
+def scale_saturation(pixels: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """`data.scale_saturation` in torch, `alpha` broadcast against (..., 3) pixels."""
+    value = pixels.amax(dim=-1, keepdim=True)
+    chroma = value - pixels.amin(dim=-1, keepdim=True)
+    most = torch.where(chroma > 0, value / chroma, torch.inf)  # gray: any factor
+    return value - (value - pixels) * torch.minimum(alpha, most)
+
+
+def rotate_hue(pixels: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """`data.rotate_hue` in torch, `degrees` broadcast against (..., 3) pixels."""
+    red, green, blue = pixels.unbind(-1)
+    value = pixels.amax(dim=-1)
+    chroma = value - pixels.amin(dim=-1)
     safe_chroma = torch.where(chroma > 0, chroma, 1.0)
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, 1.0), 0.0)
-    hue = torch.where(
+    sixths = torch.where(
         value == red,
-        torch.remainder((green - blue) / safe_chroma, 6.0),
+        (green - blue) / safe_chroma,
         torch.where(value == green, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0),
     )
-    hue = torch.where(chroma > 0, hue * 60.0, 0.0)
-    return torch.stack((hue, saturation, value), dim=-1)
-
-
-def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """`data.hsv_to_rgb` in torch: channel n is V - V*S*clip(min(k, 4 - k), 0, 1), k = (n + H/60) mod 6."""
-    hue, saturation, value = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device)
-    k = torch.remainder(offsets + hue / 60.0, 6.0)
-    return value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=pixels.dtype, device=pixels.device)  # red, green, blue
+    k = torch.remainder(offsets + (sixths[..., None] + degrees / 60.0), 6.0)
+    return value[..., None] - chroma[..., None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)

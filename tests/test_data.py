@@ -34,7 +34,6 @@ from segformer_hf.data import (
     donor_frames,
     draw_photometric_params,
     eval_collate_fn,
-    hsv_to_rgb,
     load_segmentation_dataset,
     paste_classes,
     random_crop_box,
@@ -42,9 +41,11 @@ from segformer_hf.data import (
     resize_image,
     resize_label,
     resolve_id2label,
-    rgb_to_hsv,
+    rotate_hue,
+    scale_saturation,
     train_collate_fn,
     train_transform_for,
+    value_counts,
 )
 
 HEIGHT, WIDTH = 16, 20
@@ -439,6 +440,24 @@ def test_crop_ratio_ignores_ignored_pixels_and_needs_two_classes():
         assert rng.used == 22
 
 
+@pytest.mark.parametrize(
+    "label",
+    [
+        np.random.default_rng(0).integers(0, 12, (36, 48)),  # class ids
+        np.random.default_rng(1).integers(0, 12, (36, 48)).astype(np.uint8)[3:30, 5:40],  # a window (a view)
+        np.array([[3, -100], [-100, 7]]),  # a negative ignore index
+        np.array([[0, 70000]]),  # beyond what is counted in a table
+        np.array([[255, 255]]),  # nothing but ignore
+        np.zeros((0, 4), np.int64),  # empty
+    ],
+)
+def test_value_counts_equal_numpy_unique(label):
+    values, counts = value_counts(label)
+    expected_values, expected_counts = np.unique(label, return_counts=True)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
 def test_without_cat_max_ratio_a_single_window_is_drawn():
     rng = _ScriptedRng([0, 1])
     assert random_crop_box(_striped_label(), (8, 8), 1.0, 255, rng) == (0, 1) and rng.used == 2
@@ -565,15 +584,17 @@ def test_augmentation_does_not_depend_on_the_number_of_workers():
 # Photometric distortion ---------------------------------------------------------------------------------
 
 
-def test_hsv_conversion_matches_colorsys():
-    pixels = np.random.default_rng(0).integers(0, 256, (200, 3)).astype(np.float32)
+def test_saturation_and_hue_in_rgb_match_colorsys_hsv():
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 3)).astype(np.float32)
     pixels[:5] = [[0, 0, 0], [255, 255, 255], [7, 7, 7], [255, 0, 0], [0, 0, 255]]  # gray and pure hues
-    ours = rgb_to_hsv(pixels)
-    for pixel, hsv in zip(pixels, ours):
-        h, s, v = colorsys.rgb_to_hsv(*(pixel / 255.0))
-        assert hsv[0] == pytest.approx(h * 360.0, abs=1e-3) and hsv[1] == pytest.approx(s, abs=1e-6)
-        assert hsv[2] == pytest.approx(v * 255.0, abs=1e-4)
-    np.testing.assert_allclose(hsv_to_rgb(ours), pixels, atol=1e-3)
+    for alpha, degrees in [(0.5, -36.0), (1.0, 0.0), (1.3, 14.0), (1.5, 34.0), (2.5, -2.0)]:
+        saturated, rotated = scale_saturation(pixels, alpha), rotate_hue(pixels, degrees)
+        for pixel, ours_saturated, ours_rotated in zip(pixels, saturated, rotated):
+            h, s, v = colorsys.rgb_to_hsv(*(pixel / 255.0))
+            expected_saturated = np.array(colorsys.hsv_to_rgb(h, min(s * alpha, 1.0), v)) * 255.0
+            expected_rotated = np.array(colorsys.hsv_to_rgb((h + degrees / 360.0) % 1.0, s, v)) * 255.0
+            np.testing.assert_allclose(ours_saturated, expected_saturated, atol=2e-3)
+            np.testing.assert_allclose(ours_rotated, expected_rotated, atol=2e-3)
 
 
 def _colorsys_step(image: np.ndarray, hue_shift=0.0, saturation_scale=1.0) -> np.ndarray:
