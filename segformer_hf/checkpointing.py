@@ -241,3 +241,13 @@ class InterruptFlag:
     @property
     def raised(self) -> bool:
         return self.signal_name is not None
+
+    def raised_on_any_process(self, device: torch.device) -> bool:
+        """Whether any process got the signal: it may reach them at different steps, and every process
+        must save the same step. A collective call: every process of the run makes it at the same point."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_world_size() == 1:
+            return self.raised
+        votes = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        torch.distributed.all_reduce(votes)
+        return bool(votes.item() > 0)

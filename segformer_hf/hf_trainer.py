@@ -228,7 +228,7 @@ class SaveAndStopOnSignalCallback(TrainerCallback):
         self._flag = InterruptFlag().__enter__()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._flag is not None and _raised_on_any_process(self._flag.raised, args.device):
+        if self._flag is not None and self._flag.raised_on_any_process(args.device):
             self.interrupted_by = self._flag.signal_name or "signal on another process"
             control.should_save = True
             control.should_training_stop = True
@@ -241,16 +241,6 @@ class SaveAndStopOnSignalCallback(TrainerCallback):
         if self._flag is not None:
             self._flag.__exit__(None, None, None)
             self._flag = None
-
-
-def _raised_on_any_process(raised: bool, device: torch.device) -> bool:
-    """Whether any process got the signal (a signal may reach the processes at different steps)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_world_size() == 1:
-        return raised
-    votes = torch.tensor([1.0 if raised else 0.0], device=device)
-    torch.distributed.all_reduce(votes)
-    return bool(votes.item() > 0)
 
 
 def preprocess_logits_for_metrics(

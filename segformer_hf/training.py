@@ -578,7 +578,7 @@ def end_of_step(run: Run, interrupt: InterruptFlag) -> None:
     checkpoint_due = step % config.checkpointing_steps == 0 or run.finished
     if checkpoint_due:
         checkpoint(run)
-    if any_process_interrupted(run.accelerator, interrupt):
+    if interrupt.raised_on_any_process(run.accelerator.device):
         run.interrupted_by = interrupt.signal_name or "signal on another process"
         if not checkpoint_due:
             checkpoint(run)
@@ -673,14 +673,6 @@ def checkpoint(run: Run) -> None:
 
 def weights_are_finite(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-
-
-def any_process_interrupted(accelerator: Accelerator, flag: InterruptFlag) -> bool:
-    """Signals may reach processes at different steps; agree so every process saves the same step."""
-    raised = torch.tensor([1.0 if flag.raised else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        raised = accelerator.reduce(raised, reduction="sum")
-    return bool(raised.item() > 0)
 
 
 def log_validation_images(run: Run) -> None:

@@ -591,6 +591,47 @@ def test_ddp_timeout_ends_a_collective_whose_peer_stopped_answering():
     assert 2.5 < waited < 30
 
 
+def _voting_rank(rank: int, port: int, results) -> None:
+    """One of two gloo processes: only rank 0 gets a SIGTERM, then both ask whether any process got one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    accelerator = create_accelerator(
+        load_config(None, {"data_dir": "d", "model_variant": "b0", "ddp_timeout": 60})
+    )
+    with InterruptFlag() as flag:
+        before = flag.raised_on_any_process(accelerator.device)
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # handlers run between bytecodes of the main thread
+        after = flag.raised_on_any_process(accelerator.device)
+    results.put((rank, before, flag.raised, after))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_a_signal_that_reaches_one_process_stops_every_process_at_the_same_step():
+    """Signals may reach the processes of a run at different steps (or one only: `kill` of one rank): the
+    step-end vote, shared by the training loop and the Trainer callback, tells every process to save and stop."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=_voting_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    try:
+        answers = sorted(results.get(timeout=90) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            process.kill()
+    # rank, any process before the signal, this process's own flag, any process after the signal
+    assert answers == [(0, False, True, True), (1, False, False, True)]
+
+
 def test_ddp_timeout_is_the_process_group_timeout_accelerate_is_given():
     config = load_config(None, {"data_dir": "d", "model_variant": "b0", "ddp_timeout": 42})
     accelerator = create_accelerator(config)
