@@ -22,11 +22,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import DEMO_DATA, REPO_ROOT, accelerate_launch
 from PIL import Image
 from safetensors.torch import load_file
@@ -549,15 +551,40 @@ def test_a_second_training_in_the_same_output_dir_fails_at_once(tmp_path, caplog
 # 8. A peer that stops answering -------------------------------------------------------------------------------
 
 
-def _rank(rank: int, port: int, results) -> None:
-    """One process of a 2-process gloo group made by the training's own `create_accelerator`."""
+def _gloo_accelerator(rank: int, port: int, ddp_timeout: int) -> Accelerator:
+    """In a forked process: rank `rank` of a 2-process gloo group made by the training's own `create_accelerator`."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single process
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    config = load_config(None, {"data_dir": "d", "model_variant": "b0", "ddp_timeout": 3})
-    accelerator = create_accelerator(config)
+    return create_accelerator(
+        load_config(None, {"data_dir": "d", "model_variant": "b0", "ddp_timeout": ddp_timeout})
+    )
+
+
+def _run_two_ranks(target: Callable, answers: int) -> list:
+    """Runs `target(rank, port, results)` in two forked processes; returns the first `answers` results they put."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=target, args=(rank, port, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    try:
+        return [results.get(timeout=90) for _ in range(answers)]
+    finally:
+        for process in processes:
+            process.join(timeout=1)
+            process.kill()
+            process.join()
+
+
+def _silent_peer_rank(rank: int, port: int, results) -> None:
+    """Rank 1 never joins the collective; rank 0 reports how its all-reduce ended and after how long."""
+    accelerator = _gloo_accelerator(rank, port, ddp_timeout=3)
     if rank == 1:
         time.sleep(120)  # stops answering: never joins the collective
         return
@@ -573,34 +600,14 @@ def _rank(rank: int, port: int, results) -> None:
 def test_ddp_timeout_ends_a_collective_whose_peer_stopped_answering():
     """`ddp_timeout` reaches the process group: a collective waits that long for a silent peer (3 s here,
     not the 30 minutes of the default), then fails with gloo's message (which names no rank)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=_rank, args=(rank, port, results)) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    try:
-        message, waited = results.get(timeout=90)
-    finally:
-        for process in processes:
-            process.kill()
-            process.join()
+    [(message, waited)] = _run_two_ranks(_silent_peer_rank, answers=1)
     assert "Timed out" in message and "3000ms" in message, message
     assert 2.5 < waited < 30
 
 
 def _voting_rank(rank: int, port: int, results) -> None:
-    """One of two gloo processes: only rank 0 gets a SIGTERM, then both ask whether any process got one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    accelerator = create_accelerator(
-        load_config(None, {"data_dir": "d", "model_variant": "b0", "ddp_timeout": 60})
-    )
+    """Only rank 0 gets a SIGTERM; then both ask whether any process got one."""
+    accelerator = _gloo_accelerator(rank, port, ddp_timeout=60)
     with InterruptFlag() as flag:
         before = flag.raised_on_any_process(accelerator.device)
         if rank == 0:
@@ -614,20 +621,7 @@ def _voting_rank(rank: int, port: int, results) -> None:
 def test_a_signal_that_reaches_one_process_stops_every_process_at_the_same_step():
     """Signals may reach the processes of a run at different steps (or one only: `kill` of one rank): the
     step-end vote, shared by the training loop and the Trainer callback, tells every process to save and stop."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=_voting_rank, args=(rank, port, results)) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    try:
-        answers = sorted(results.get(timeout=90) for _ in processes)
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            process.kill()
+    answers = sorted(_run_two_ranks(_voting_rank, answers=2))
     # rank, any process before the signal, this process's own flag, any process after the signal
     assert answers == [(0, False, True, True), (1, False, False, True)]
 
