@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -93,6 +93,7 @@ class Run:
     device_augmentation: DeviceAugmentation | None = None  # augment_device cuda: finishes each batch
     weight_average: torch.nn.Module | None = None  # ema_decay: the AveragedModel updated after each step
     losses_finite: torch.Tensor | None = None  # whether this step's micro-batch losses so far were finite
+    stop_voted: bool = False  # the step's vote: some process got SIGINT/SIGTERM by the end of its update
 
     @property
     def output_dir(self) -> Path:
@@ -111,7 +112,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         # down here, not left for the interpreter's exit.
         with InterruptFlag() as interrupt, contextlib.closing(training_batches(run)) as batches:
             for batch in batches:
-                if optimization_step(run, batch):
+                if optimization_step(run, batch, interrupt):
                     end_of_step(run, interrupt)
                 if run.finished or run.interrupted_by:
                     break
@@ -477,13 +478,15 @@ def training_batches(run: Run) -> Iterator[dict[str, Any]]:
         run.epoch += 1
 
 
-def optimization_step(run: Run, batch: dict[str, Any]) -> bool:
+def optimization_step(run: Run, batch: dict[str, Any], interrupt: InterruptFlag | None = None) -> bool:
     """Forward, backward and (on the last micro-batch) the update, under the NaN policy.
 
     Every process computes its backward pass, even for a non-finite loss (they all take part in the
-    gradient all-reduce); then they decide together, in one collective per step, whether to update
-    (`agreed_step_outcome`). On a GPU that is also the step's one synchronisation with the host.
+    gradient all-reduce); then they decide together, in one collective per step, whether to update and
+    whether to stop for a signal (`agreed_step_outcome`). On a GPU that is also the step's one
+    synchronisation with the host.
     Returns whether an optimisation step was completed (False for a gradient-accumulation micro-step).
+    `interrupt`: the run's signal flag; None where nothing stops on a signal (benchmarks, tests).
     """
     accelerator, state = run.accelerator, run.state
     state.skipped_samples += int(batch.get("num_skipped", 0))
@@ -494,12 +497,15 @@ def optimization_step(run: Run, batch: dict[str, Any]) -> bool:
         run.losses_finite = finite if run.losses_finite is None else run.losses_finite & finite
         if not accelerator.sync_gradients:
             return False
-        run.step_loss, losses_finite, gradients_finite = agreed_step_outcome(run, loss, run.losses_finite)
+        outcome = agreed_step_outcome(
+            run, loss, run.losses_finite, interrupt is not None and interrupt.raised
+        )
+        run.step_loss, run.stop_voted = outcome.loss, outcome.stop
         run.losses_finite = None
         problem = None
-        if not losses_finite:
+        if not outcome.losses_finite:
             problem = f"Non-finite loss ({run.step_loss})"
-        elif not gradients_finite:  # a finite loss can still have non-finite gradients
+        elif not outcome.gradients_finite:  # a finite loss can still have non-finite gradients
             problem = f"Non-finite gradients (loss {run.step_loss:.4g})"
         if problem is None:
             run.optimizer.step()
@@ -517,14 +523,24 @@ def optimization_step(run: Run, batch: dict[str, Any]) -> bool:
     return True
 
 
-def agreed_step_outcome(
-    run: Run, loss: torch.Tensor, losses_finite: torch.Tensor
-) -> tuple[float, bool, bool]:
-    """(the last micro-batch's loss averaged over processes, whether every process's losses of this step
-    were finite, whether the gradients are), in one collective; clips the gradients to max_grad_norm.
+class StepOutcome(NamedTuple):
+    """What every process of the run decides together after a step's backward pass."""
 
-    All processes must take the same decision: one that skipped an update the others made would train
-    other weights from then on.
+    loss: float  # the last micro-batch's loss, averaged over processes
+    losses_finite: bool  # every process's losses of this step were finite
+    gradients_finite: bool  # the (all-reduced) gradients are finite
+    stop: bool  # some process got SIGINT/SIGTERM: every one saves this step and stops
+
+
+def agreed_step_outcome(
+    run: Run, loss: torch.Tensor, losses_finite: torch.Tensor, interrupted: bool
+) -> StepOutcome:
+    """The step's decisions, in one collective; clips the gradients to max_grad_norm.
+
+    All processes must take the same decisions: one that skipped an update the others made would train
+    other weights from then on, and one that stopped alone would leave the others waiting in the next
+    step's all-reduce. A signal may reach the processes at different steps, or one process only (`kill`
+    of one rank), so each one's flag is a vote.
     """
     parameters = [p for p in run.model.parameters() if p.grad is not None]
     if run.config.max_grad_norm:
@@ -537,12 +553,19 @@ def agreed_step_outcome(
             loss.detach().float().reshape(()).to(device),
             (~losses_finite).float().reshape(()).to(device),
             (~torch.isfinite(norm)).float().reshape(()).to(device),
+            # a fill kernel, not a copy from the host: no synchronisation before the reduce
+            torch.full((), float(interrupted), device=device),
         ]
     )
     if run.accelerator.num_processes > 1:
         votes = run.accelerator.reduce(votes, reduction="sum")
-    loss_sum, nonfinite_losses, nonfinite_gradients = votes.tolist()
-    return loss_sum / run.accelerator.num_processes, nonfinite_losses == 0, nonfinite_gradients == 0
+    loss_sum, nonfinite_losses, nonfinite_gradients, interrupted_processes = votes.tolist()
+    return StepOutcome(
+        loss=loss_sum / run.accelerator.num_processes,
+        losses_finite=nonfinite_losses == 0,
+        gradients_finite=nonfinite_gradients == 0,
+        stop=interrupted_processes > 0,
+    )
 
 
 def all_processes_agree(accelerator: Accelerator, holds: torch.Tensor) -> bool:
@@ -570,6 +593,12 @@ def handle_nonfinite(run: Run, problem: str) -> None:
 
 
 def end_of_step(run: Run, interrupt: InterruptFlag) -> None:
+    """Log, evaluate and checkpoint when due; on a signal, checkpoint and end the run.
+
+    With several processes the step's vote decides: a signal that arrives after it (during an evaluation,
+    say) is acted on at the next step's vote, one step later, so that every process saves the same step.
+    A single process has no one to agree with and acts on its flag as it stands now.
+    """
     config, step = run.config, run.state.global_step
     log_step(run)
     if step % config.eval_steps == 0 and not run.finished:
@@ -578,7 +607,7 @@ def end_of_step(run: Run, interrupt: InterruptFlag) -> None:
     checkpoint_due = step % config.checkpointing_steps == 0 or run.finished
     if checkpoint_due:
         checkpoint(run)
-    if interrupt.raised_on_any_process(run.accelerator.device):
+    if run.stop_voted or (run.accelerator.num_processes == 1 and interrupt.raised):
         run.interrupted_by = interrupt.signal_name or "signal on another process"
         if not checkpoint_due:
             checkpoint(run)

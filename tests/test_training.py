@@ -580,6 +580,32 @@ def test_two_process_run_frees_the_ddp_wrapper_before_destroying_the_process_gro
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_one_checkpoint(tmp_path):
+    """`kill` of one rank: the step's vote carries its flag to the other, which would otherwise wait in the
+    next all-reduce until ddp_timeout (20 s here) and fail."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, signal, sys\n"
+        "from segformer_hf import training\n"
+        "optimization_step = training.optimization_step\n"
+        "def probed(run, batch, interrupt=None):\n"
+        "    if run.accelerator.process_index == 1 and run.state.global_step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # before step 3's vote\n"
+        "    return optimization_step(run, batch, interrupt)\n"
+        "training.optimization_step = probed\n"
+        "sys.exit(training.main(sys.argv[1:]))\n"
+    )
+    output_dir = tmp_path / "run"
+    args = [*SMALL_RUN, "--max_train_steps", "40", "--eval_steps", "100", "--checkpointing_steps", "100",
+            "--ddp_timeout", "20", "--output_dir", str(output_dir)]  # fmt: skip
+    result = _launch(args, num_processes=2, script=str(probe), timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Interrupted by signal on another process at step 3" in result.stderr, result.stderr[-4000:]
+    [checkpoint] = list_checkpoints(output_dir)
+    assert json.loads((checkpoint / "training_state.json").read_text())["run_state"]["global_step"] == 3
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_two_process_cpu_run_is_really_distributed_and_matches_one_process_metrics(tmp_path):
     output_dir = tmp_path / "ddp"
     result = _launch(
