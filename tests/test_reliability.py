@@ -620,7 +620,8 @@ def _voting_rank(rank: int, port: int, results) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_a_signal_that_reaches_one_process_stops_every_process_at_the_same_step():
     """Signals may reach the processes of a run at different steps (or one only: `kill` of one rank): the
-    step-end vote, shared by the training loop and the Trainer callback, tells every process to save and stop."""
+    Trainer callback's step-end vote tells every process to save and stop. (The training loop's vote rides in
+    its step's all-reduce: test_training's SIGTERM to one of two processes.)"""
     answers = sorted(_run_two_ranks(_voting_rank, answers=2))
     # rank, any process before the signal, this process's own flag, any process after the signal
     assert answers == [(0, False, True, True), (1, False, False, True)]
