@@ -93,7 +93,7 @@ class Run:
     device_augmentation: DeviceAugmentation | None = None  # augment_device cuda: finishes each batch
     weight_average: torch.nn.Module | None = None  # ema_decay: the AveragedModel updated after each step
     losses_finite: torch.Tensor | None = None  # whether this step's micro-batch losses so far were finite
-    stop_voted: bool = False  # the step's vote: some process got SIGINT/SIGTERM by the end of its update
+    stop_voted: bool = False  # the step's vote: some process had SIGINT/SIGTERM by its backward pass
 
     @property
     def output_dir(self) -> Path:
