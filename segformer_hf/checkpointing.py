@@ -242,6 +242,12 @@ class InterruptFlag:
     def raised(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def reason(self) -> str:
+        """What stopped the run, for the log: this process's signal, or a stop voted for by another process
+        (the signal went to one process only, as `kill PID` does)."""
+        return self.signal_name or "signal on another process"
+
     def raised_on_any_process(self, device: torch.device) -> bool:
         """Whether any process got the signal: it may reach them at different steps, and every process
         must save the same step. A collective call: every process of the run makes it at the same point."""

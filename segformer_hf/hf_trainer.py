@@ -229,7 +229,7 @@ class SaveAndStopOnSignalCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._flag is not None and self._flag.raised_on_any_process(args.device):
-            self.interrupted_by = self._flag.signal_name or "signal on another process"
+            self.interrupted_by = self._flag.reason
             control.should_save = True
             control.should_training_stop = True
 

@@ -608,7 +608,7 @@ def end_of_step(run: Run, interrupt: InterruptFlag) -> None:
     if checkpoint_due:
         checkpoint(run)
     if run.stop_voted or (run.accelerator.num_processes == 1 and interrupt.raised):
-        run.interrupted_by = interrupt.signal_name or "signal on another process"
+        run.interrupted_by = interrupt.reason
         if not checkpoint_due:
             checkpoint(run)
 
